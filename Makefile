@@ -1,0 +1,74 @@
+# Two commands for a newcomer:  make demo   and   make test
+# Everything is installed into .venv by `make setup` (both depend on it).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+TORCH_VERSION ?= 2.13.0
+# Where the CPU build of torch lives when the configured package index does not have it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO_DIR ?= demo
+# An NVIDIA GPU is present when nvidia-smi lists one.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
+# Tests and the demo never touch the network: models are made locally.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test lint format bench clean help
+
+help:
+	@echo "make demo   set up .venv, make demo data and tiny models, run the pipeline on them"
+	@echo "make test   set up .venv, lint and run the test suite"
+	@echo "make bench  run the benchmarks in benchmarks/"
+	@echo "make setup  only create .venv and install the project (idempotent)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+ifeq ($(HAS_GPU),yes)
+	@echo "NVIDIA GPU found: installing the CUDA build of torch $(TORCH_VERSION)"
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+else
+	@echo "No NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" \
+	  || $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+endif
+	$(BIN)/pip install --quiet -e ".[dev]"
+ifeq ($(HAS_GPU),yes)
+	@# flash-attn compiles against the installed torch; it is optional (SDPA is the fallback).
+	$(BIN)/pip install --quiet --no-build-isolation "flash-attn>=2.5" \
+	  || echo "warning: flash-attn did not install; attention falls back to PyTorch SDPA"
+endif
+	@touch $(STAMP)
+	@echo "setup done: $(VENV) ($$($(BIN)/python -c 'import torch; print("torch", torch.__version__)'))"
+
+demo: setup
+	$(BIN)/sora demo-data $(DEMO_DIR)/data
+	$(BIN)/sora debug-models $(DEMO_DIR)/models
+	$(BIN)/sora config configs/debug/train.py
+	$(BIN)/sora config configs/debug/inference.py
+	@echo
+	@echo "demo data:    $(DEMO_DIR)/data/data.csv"
+	@echo "debug models: $(DEMO_DIR)/models (t5/, vae/)"
+	@echo "configs:      configs/debug/train.py, configs/debug/inference.py (valid)"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

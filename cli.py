@@ -1,0 +1,218 @@
+"""`sora`: the command line. Parses arguments, loads the config, calls one pipelines function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from pipelines import USER_ERRORS, commands
+
+app = typer.Typer(
+    name="sora",
+    help="Open-Sora-style text-to-video on Ray: pre-encode a video dataset once, "
+    "train STDiT from the cache, sample and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Flags shared by several commands.
+ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Training config file (Open-Sora format).")]
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")
+]
+CkptOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ckpt-path",
+        help="Model weights: a `sora train` checkpoint folder, a safetensors file or an Open-Sora .pth "
+        "(sets model.from_pretrained).",
+    ),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _run(function, *args: Any, **kwargs: Any) -> Any:
+    """Call a pipelines function; errors a user can fix end as one line and exit code 2."""
+    try:
+        return function(*args, **kwargs)
+    except USER_ERRORS as error:
+        _fail(str(error))
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write clips, images and data.csv into.")],
+    num: Annotated[int, typer.Option("--num", "-n", min=1, help="Number of good samples.")] = 24,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed; the same seed writes the same files.")
+    ] = 0,
+) -> None:
+    """Write a small demo dataset: mp4 clips and images of moving shapes with captions."""
+    csv_path = _run(commands.demo_data, out_dir, num=num, seed=seed)
+    typer.echo(f"wrote {csv_path}")
+
+
+@app.command("debug-models")
+def debug_models(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write t5/ and vae/ into.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write tiny T5 and VAE models (loadable with from_pretrained) for tests and demos."""
+    folders = _run(commands.debug_models, out_dir, seed=seed)
+    for role, folder in folders.items():
+        typer.echo(f"{role}: {folder}")
+
+
+@app.command("config")
+def config(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Config file to check.")],
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="train or inference (default: guessed from the keys).")
+    ] = None,
+) -> None:
+    """Validate a config file and print it resolved, defaults included."""
+    typer.echo(_run(commands.show_config, config_path, kind), nl=False)
+
+
+@app.command("preprocess")
+def preprocess(
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA.csv", help="CSV (or Parquet) with path,text columns.")
+    ],
+    config_path: ConfigArg,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Cache folder (default: the config's cache_dir).")
+    ] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Probe, bucket and pre-encode a dataset into a cache of VAE latents and T5 embeddings."""
+    overrides = {"data_path": str(data), "cache_dir": _str(cache_dir)}
+    _run(commands.load, config_path, "train", overrides)
+    _not_implemented("preprocess")
+
+
+@app.command("bucket-report")
+def bucket_report(
+    source: Annotated[Path, typer.Argument(help="A CSV, or a cache folder written by `sora preprocess`.")],
+    config_path: ConfigArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the report to this PNG.")] = None,
+) -> None:
+    """Show how a dataset falls into the config's buckets, and what is dropped and why."""
+    _run(commands.load, config_path, "train", {})
+    _not_implemented("bucket-report")
+
+
+@app.command("train")
+def train(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Training config file.")],
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Cache folder to train from (sets cache_dir).")
+    ] = None,
+    outputs: Annotated[str | None, typer.Option("--outputs", help="Where experiments are saved.")] = None,
+    load: Annotated[str | None, typer.Option("--load", help="Checkpoint folder to resume from.")] = None,
+    ckpt_path: CkptOpt = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", help="Training workers.")] = None,
+    gpu: Annotated[
+        bool | None, typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if any).")
+    ] = None,
+    address: AddressOpt = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Batch size (fixed-size form).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    wandb: Annotated[bool | None, typer.Option("--wandb/--no-wandb", help="Log to wandb.")] = None,
+) -> None:
+    """Train STDiT with Ray Train and DeepSpeed from a preprocessed cache."""
+    overrides = {
+        "cache_dir": data_path,
+        "outputs": outputs,
+        "load": load,
+        "model.from_pretrained": ckpt_path,
+        "num_workers": num_workers,
+        "batch_size": batch_size,
+        "lr": lr,
+        "epochs": epochs,
+        "seed": seed,
+        "wandb": wandb,
+    }
+    _run(commands.load, config_path, "train", overrides)
+    _not_implemented("train")
+
+
+@app.command("sample")
+def sample(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Inference config file.")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    prompt_path: Annotated[
+        str | None, typer.Option("--prompt-path", help="File of prompts, one per line.")
+    ] = None,
+    ckpt_path: CkptOpt = None,
+    save_dir: Annotated[str | None, typer.Option("--save-dir", help="Folder for the mp4 files.")] = None,
+    num_frames: Annotated[int | None, typer.Option("--num-frames", help="Frames per clip.")] = None,
+    image_size: Annotated[
+        tuple[int, int] | None, typer.Option("--image-size", help="Height and width.", metavar="H W")
+    ] = None,
+    fps: Annotated[int | None, typer.Option("--fps", help="Frames per second of the mp4.")] = None,
+    num_sampling_steps: Annotated[int | None, typer.Option("--num-sampling-steps", help="Steps.")] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg-scale", help="Guidance scale.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per batch.")] = None,
+    loop: Annotated[int | None, typer.Option("--loop", help="Long video: number of clips.")] = None,
+    condition_frame_length: Annotated[
+        int | None, typer.Option("--condition-frame-length", help="Long video: frames carried over.")
+    ] = None,
+    reference_path: Annotated[
+        list[str] | None, typer.Option("--reference-path", help="Per prompt: ';'-separated media.")
+    ] = None,
+    mask_strategy: Annotated[
+        list[str] | None, typer.Option("--mask-strategy", help="Per prompt: ';'-separated tuples.")
+    ] = None,
+) -> None:
+    """Generate videos from prompts with a trained model (long video included)."""
+    overrides = {
+        "prompt": prompt or None,
+        "prompt_path": prompt_path,
+        "model.from_pretrained": ckpt_path,
+        "save_dir": save_dir,
+        "num_frames": num_frames,
+        "image_size": image_size,
+        "fps": fps,
+        "scheduler.num_sampling_steps": num_sampling_steps,
+        "scheduler.cfg_scale": cfg_scale,
+        "seed": seed,
+        "batch_size": batch_size,
+        "loop": loop,
+        "condition_frame_length": condition_frame_length,
+        "reference_path": reference_path or None,
+        "mask_strategy": mask_strategy or None,
+    }
+    _run(commands.load, config_path, "inference", overrides)
+    _not_implemented("sample")
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _not_implemented(command: str) -> NoReturn:
+    typer.secho(f"sora {command}: not implemented yet", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(code=3)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+# Open-Sora 1.0 recipe: STDiT-XL/2, 16 frames of 256x256 (fixed size, one bucket).
+# The same file drives `sora preprocess` (the cache) and `sora train`.
+
+# Sample size
+num_frames = 16
+frame_interval = 3
+image_size = (256, 256)
+
+# Dataset
+root = None
+data_path = "CSV_PATH"  # or: sora preprocess DATA.csv
+use_image_transform = False
+num_workers = 4
+
+# Acceleration
+dtype = "bf16"
+grad_checkpoint = True
+plugin = "zero2"
+sp_size = 1
+
+# Models
+model = dict(
+    type="STDiT-XL/2",
+    space_scale=0.5,
+    time_scale=1.0,
+    from_pretrained=None,  # Open-Sora starts from PixArt-XL-2-512x512.pth: pass --ckpt-path
+    enable_flashattn=True,
+    enable_layernorm_kernel=True,
+)
+vae = dict(
+    type="VideoAutoencoderKL",
+    from_pretrained="stabilityai/sd-vae-ft-ema",
+    micro_batch_size=128,
+)
+text_encoder = dict(
+    type="t5",
+    from_pretrained="DeepFloyd/t5-v1_1-xxl",
+    model_max_length=120,
+    shardformer=True,
+)
+scheduler = dict(
+    type="iddpm",
+    timestep_respacing="",
+)
+
+# Others
+seed = 42
+outputs = "outputs"
+wandb = False
+
+epochs = 1000
+log_every = 10
+ckpt_every = 1000
+load = None
+
+batch_size = 8
+lr = 2e-5
+grad_clip = 1.0
+
+# The pre-encoded cache
+cache_dir = "cache/16x256x256"

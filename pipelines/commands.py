@@ -1,0 +1,37 @@
+"""One function per `sora` command: what cli.py calls after parsing arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError, InferenceConfig, TrainConfig, format_config, load_config
+
+
+def load(path: str | Path, kind: str | None, overrides: Mapping[str, Any]) -> TrainConfig | InferenceConfig:
+    """Load and validate a config with command-line overrides (dotted field paths)."""
+    return load_config(path, kind, overrides)  # type: ignore[arg-type]
+
+
+def show_config(path: str | Path, kind: str | None) -> str:
+    """The resolved config, in the seed's file format."""
+    if kind not in (None, "train", "inference"):
+        raise ConfigError(f"--kind must be train or inference, got {kind!r}")
+    return format_config(load_config(path, kind))  # type: ignore[arg-type]
+
+
+def demo_data(out_dir: str | Path, num: int = 24, seed: int = 0) -> Path:
+    """Write the demo dataset; returns its data.csv."""
+    # Imported here, not at the top: `sora --help` and config commands stay fast
+    # without loading PyAV, torch, transformers and diffusers.
+    from pipelines.demo_data import write_demo_data
+
+    return write_demo_data(out_dir, num=num, seed=seed)
+
+
+def debug_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny T5 and VAE; returns their folders by role."""
+    from sora_model.debug import write_debug_models
+
+    return write_debug_models(out_dir, seed=seed)

@@ -1,0 +1,36 @@
+"""Model sizes by name: the `type=` strings of a config's `model = dict(...)` section.
+
+A `type` picks an entry of this table; nothing is imported or registered by name.
+The numbers are those of the released Open-Sora checkpoints (v1.0 STDiT-XL/2, v1.1
+STDiT2-XL/2) and of DiT-XL/2, which Open-Sora lists as a baseline.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Family(enum.Enum):
+    STDIT = "stdit"  # Open-Sora 1.0: fixed size, sin-cos position embeddings
+    STDIT2 = "stdit2"  # Open-Sora 1.1: variable size, RoPE in time, size conditioning
+    DIT = "dit"  # DiT with full 3D attention, as Open-Sora's baseline
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    family: Family
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) in latent pixels
+    mlp_ratio: float = 4.0
+
+
+MODEL_SIZES: dict[str, ModelSize] = {
+    "STDiT-XL/2": ModelSize(Family.STDIT, depth=28, hidden_size=1152, num_heads=16),
+    "STDiT2-XL/2": ModelSize(Family.STDIT2, depth=28, hidden_size=1152, num_heads=16),
+    "DiT-XL/2": ModelSize(Family.DIT, depth=28, hidden_size=1152, num_heads=16),
+    # Trains on 2 CPU cores in seconds; used by configs/debug and the tests.
+    "debug": ModelSize(Family.STDIT2, depth=2, hidden_size=64, num_heads=4),
+}

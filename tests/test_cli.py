@@ -1,0 +1,109 @@
+"""The `sora` command as a user runs it: a real subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SORA = shutil.which("sora", path=str(Path(sys.executable).parent)) or "sora"
+COMMANDS = ("preprocess", "bucket-report", "train", "sample", "demo-data", "debug-models", "config")
+
+
+def sora(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "120"}
+    return subprocess.run([SORA, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_command_with_a_line_of_help():
+    result = sora("--help")
+    assert result.returncode == 0, result.stderr
+    for command in COMMANDS:
+        match = re.search(rf"^\W*{command}\s+(\w.*)$", result.stdout, flags=re.MULTILINE)
+        assert match is not None, f"{command} missing from --help"
+        assert len(match.group(1).strip(" │")) > 20, f"{command} has no help text"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_explains_itself(command: str):
+    result = sora(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_sample_help_shows_the_seed_override_flags():
+    text = sora("sample", "--help").stdout
+    for flag in (
+        "--prompt-path",
+        "--ckpt-path",
+        "--num-frames",
+        "--image-size",
+        "--num-sampling-steps",
+        "--cfg-scale",
+        "--loop",
+        "--condition-frame-length",
+        "--reference-path",
+        "--mask-strategy",
+    ):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("preprocess", "data.csv", "--config", "configs/debug/train.py"),
+        ("bucket-report", "data.csv", "--config", "configs/debug/train.py"),
+        ("train", "configs/debug/train.py"),
+        ("sample", "configs/debug/inference.py"),
+    ],
+)
+def test_commands_not_built_yet_say_so_and_fail(args: tuple[str, ...]):
+    result = sora(*args)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.strip() == f"sora {args[0]}: not implemented yet"
+
+
+def test_config_prints_the_resolved_config():
+    result = sora("config", "configs/debug/train.py")
+    assert result.returncode == 0, result.stderr
+    assert "bucket_config = {" in result.stdout and "model = dict(" in result.stdout
+
+
+def test_bad_config_is_one_line_naming_file_and_key(tmp_path: Path):
+    path = tmp_path / "bad.py"
+    path.write_text('data_path = "x.csv"\nepoch = 3\n')
+    result = sora("config", str(path), "--kind", "train")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: unknown key 'epoch' (did you mean 'epochs'?)"
+    assert "Traceback" not in result.stderr
+
+
+def test_overrides_are_validated_before_anything_runs():
+    result = sora("sample", "configs/debug/inference.py", "--num-frames", "0")
+    assert result.returncode == 2
+    assert "command line: num_frames: must be >= 1, got 0" in result.stderr
+
+
+def test_opensora_file_notices_go_to_stderr():
+    result = sora("config", "tests/fixtures/opensora/v1_1_train_stage1.py")
+    assert result.returncode == 0, result.stderr
+    assert "notice:" in result.stderr and "num_bucket_build_workers" in result.stderr
+    assert "notice" not in result.stdout
+
+
+def test_demo_data_and_debug_models_write_files(tmp_path: Path):
+    result = sora("demo-data", str(tmp_path / "data"), "--num", "3", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "data.csv").exists()
+    assert len((tmp_path / "data" / "data.csv").read_text().splitlines()) == 1 + 3 + 3
+    result = sora("debug-models", str(tmp_path / "models"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "models" / "vae" / "config.json").exists()
+    assert (tmp_path / "models" / "t5" / "tokenizer_config.json").exists()

@@ -1,0 +1,279 @@
+"""Config files: every shipped file, Open-Sora's own files, bad input, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import (
+    ConfigError,
+    InferenceConfig,
+    TrainConfig,
+    detect_kind,
+    format_config,
+    load_config,
+    read_config_file,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILES = sorted((ROOT / "configs").rglob("*.py"))
+OPENSORA_FILES = sorted((ROOT / "tests" / "fixtures" / "opensora").glob("*.py"))
+
+
+def expected_kind(path: Path) -> str:
+    return "inference" if "inference" in path.as_posix() else "train"
+
+
+def write(tmp_path: Path, text: str, name: str = "config.py") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+TRAIN_MINIMAL = 'data_path = "data.csv"\nnum_frames = 16\nimage_size = (256, 256)\nbatch_size = 2\n'
+INFERENCE_MINIMAL = 'prompt = ["a red circle"]\nsave_dir = "out"\n'
+
+
+# --------------------------------------------------------------------------- shipped files
+
+
+def test_configs_folder_has_the_promised_recipes():
+    names = {path.relative_to(ROOT / "configs").as_posix() for path in CONFIG_FILES}
+    assert {"debug/train.py", "debug/inference.py"} <= names
+    for size in ("16x256x256", "16x512x512", "64x512x512"):
+        assert f"opensora/train/{size}.py" in names
+        assert f"opensora/inference/{size}.py" in names
+    assert any(name.startswith("opensora-v1-1/train/") for name in names)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_config_file_loads_and_round_trips(path: Path, tmp_path: Path):
+    notices: list[str] = []
+    config = load_config(path, notice=notices.append)
+    kind = expected_kind(path)
+    assert isinstance(config, TrainConfig if kind == "train" else InferenceConfig)
+    assert notices == [], "our own files use no ignored Open-Sora keys"
+    # The resolved form is itself a valid config file that loads back equal.
+    resolved = write(tmp_path, format_config(config))
+    assert load_config(resolved, kind) == config
+
+
+def test_recipes_use_the_real_model_names():
+    config = load_config(ROOT / "configs/opensora/train/16x256x256.py")
+    assert config.model.type == "STDiT-XL/2"
+    assert config.vae.from_pretrained == "stabilityai/sd-vae-ft-ema"
+    assert config.text_encoder.from_pretrained == "DeepFloyd/t5-v1_1-xxl"
+    assert (config.num_frames, config.image_size, config.bucket_config) == (16, (256, 256), None)
+    mixed = load_config(ROOT / "configs/opensora-v1-1/train/mixed.py")
+    # The seed documents' opening bucket_config, values kept as tuples.
+    assert mixed.bucket_config["480p"] == {1: (1.0, 52), 16: (0.5, 4), 32: (0.0, None)}
+    assert mixed.bucket_config["240p"][128] == (1.0, 2)
+
+
+def test_seed_arithmetic_is_evaluated():
+    config = load_config(ROOT / "configs/opensora/inference/64x512x512.py")
+    assert config.fps == 12  # 24 // 2
+    assert config.model.time_scale == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------- Open-Sora's files
+
+
+@pytest.mark.parametrize("path", OPENSORA_FILES, ids=lambda p: p.name)
+def test_opensora_files_load_unchanged(path: Path):
+    config = load_config(path, notice=lambda message: None)
+    assert isinstance(config, TrainConfig if expected_kind(path) == "train" else InferenceConfig)
+
+
+def test_opensora_1_1_dataset_section_maps_to_fields():
+    notices: list[str] = []
+    config = load_config(OPENSORA_FILES[0].parent / "v1_1_train_stage1.py", notice=notices.append)
+    assert config.frame_interval == 3
+    assert config.num_frames is None and config.image_size is None
+    assert config.bucket_config["144p"][96] == (1.0, 1)
+    assert config.vae.local_files_only and config.text_encoder.local_files_only
+    assert config.mask_ratios["mask_no"] == 0.75
+    # Exactly one notice per ignored key, naming it, plus the dataset-section notice.
+    assert any("num_bucket_build_workers" in notice and "ignoring" in notice for notice in notices)
+    assert any("dataset" in notice for notice in notices)
+    assert len(notices) == 2
+
+
+def test_opensora_1_1_inference_keys():
+    notices: list[str] = []
+    folder = OPENSORA_FILES[0].parent
+    config = load_config(folder / "v1_1_inference_sample.py", notice=notices.append)
+    assert config.save_fps == 8  # fps 24 // frame_interval 3, as Open-Sora 1.1 saves
+    assert [n for n in notices if "multi_resolution" in n]
+    long = load_config(folder / "v1_1_inference_sample_ref.py", notice=lambda m: None)
+    assert long.loop == 2 and long.total_frames == 2 * (16 - 4) + 4
+    assert long.reference_path[1] is None and long.mask_strategy[0] == "0,0,0,0,8,0.3"
+
+
+def test_v1_0_inference_fps_is_the_saved_rate():
+    config = load_config(OPENSORA_FILES[0].parent / "v1_0_inference_64x512x512.py")
+    assert config.save_fps == 12
+    assert config.scheduler.cfg_channel == 3  # our default when the file does not say
+
+
+def test_later_spelling_of_flash_attention_is_read(tmp_path: Path):
+    notices: list[str] = []
+    path = write(tmp_path, TRAIN_MINIMAL + 'model = dict(type="STDiT2-XL/2", enable_flash_attn=True)\n')
+    config = load_config(path, notice=notices.append)
+    assert config.model.enable_flashattn is True
+    assert notices and "enable_flashattn" in notices[0]
+
+
+def test_dataset_section_conflicting_with_top_level_is_an_error(tmp_path: Path):
+    path = write(tmp_path, TRAIN_MINIMAL + "frame_interval = 2\ndataset = dict(frame_interval=3)\n")
+    with pytest.raises(ConfigError, match=r"dataset.frame_interval=3 disagrees with frame_interval=2"):
+        load_config(path, notice=lambda m: None)
+
+
+def test_unknown_dataset_type_lists_valid_ones(tmp_path: Path):
+    path = write(tmp_path, TRAIN_MINIMAL + 'dataset = dict(type="ImageNet")\n')
+    with pytest.raises(ConfigError, match="VariableVideoTextDataset"):
+        load_config(path, notice=lambda m: None)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("epoch = 3\n", r"unknown key 'epoch' \(did you mean 'epochs'\?\)"),
+        (
+            "model = dict(space_scal=1.0)\n",
+            r"unknown key 'model.space_scal' \(did you mean 'model.space_scale'\?\)",
+        ),
+        ("zzz_qqq = 1\n", r"unknown key 'zzz_qqq'; valid keys here: .*batch_size"),
+        ('lr = "fast"\n', r"lr: expected a number, got 'fast' \(str\)"),
+        ("grad_checkpoint = 1\n", r"grad_checkpoint: expected True/False, got 1"),
+        ('dtype = "fp8"\n', r"dtype: 'fp8' is not one of 'fp32', 'fp16', 'bf16'"),
+        ('plugin = "zero3"\n', r"plugin: 'zero3' is not one of 'zero2', 'zero2-seq'"),
+        ("epochs = 0\n", r"epochs: must be >= 1, got 0"),
+        ("ema_decay = 1.5\n", r"ema_decay: must be <= 1.0, got 1.5"),
+        ("image_size = (256,)\n", r"image_size: expected a tuple \(an integer, an integer\)"),
+        ("image_size = (0, 256)\n", r"image_size: height and width must be positive"),
+        (
+            'model = dict(type="STDiT-XXL/2")\n',
+            r"model.type: 'STDiT-XXL/2' is not one of .*did you mean 'STDiT-XL/2'",
+        ),
+        ("model = 3\n", r"model: expected dict\(...\), got 3"),
+        ("vae = dict(micro_batch_size=0)\n", r"vae.micro_batch_size: must be >= 1, got 0"),
+        ('text_encoder = dict(type="clip")\n', r"text_encoder.type: 'clip' is not one of 't5'"),
+        ("sp_size = 2\n", r"sp_size=2 needs plugin='zero2-seq'"),
+        ("mask_ratios = {'mask_none': 1.0}\n", r"mask_ratios: 'mask_none' is not one of .*mask_no"),
+        ("mask_ratios = {'mask_no': 0.5}\n", r"mask_ratios: the ratios must add up to 1, they add up to 0.5"),
+        ("bucket_config = {'240p': {16: 1.0}}\n", r"bucket_config\['240p'\]\[16\]: expected a tuple"),
+        ("num_frames = None\n", r"num_frames must be set when there is no bucket_config"),
+        ("batch_size = None\n", r"batch_size must be set when there is no bucket_config"),
+    ],
+)
+def test_bad_training_values_name_file_and_field(tmp_path: Path, text: str, pattern: str):
+    path = write(tmp_path, TRAIN_MINIMAL + text)
+    with pytest.raises(ConfigError, match=pattern) as caught:
+        load_config(path, "train")
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        (
+            "loop = 3\ncondition_frame_length = 16\nnum_frames = 16\n",
+            r"condition_frame_length must be between 1 and",
+        ),
+        ("loop = 0\n", r"loop: must be >= 1"),
+        ("scheduler = dict(cfg_channel=0)\n", r"scheduler.cfg_channel: must be >= 1"),
+        ("scheduler = dict(type='ddim')\n", r"scheduler.type: 'ddim' is not one of 'iddpm', 'dpm-solver'"),
+        ("mask_strategy = [1]\n", r"mask_strategy\[0\]: expected a string, got 1 \(int\)"),
+    ],
+)
+def test_bad_inference_values(tmp_path: Path, text: str, pattern: str):
+    path = write(tmp_path, INFERENCE_MINIMAL + text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path, "inference")
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("import os\n", r":1: config files hold only assignments"),
+        ("x = 1\ny = open('f')\n", r":2: only literals, arithmetic, earlier names and dict"),
+        ("a, b = 1, 2\n", r"config files hold only assignments"),
+        ("x = undefined + 1\n", r"name `undefined` is not defined above"),
+        ("_base_ = ['other.py']\n", r"`_base_` inheritance is not supported"),
+        ("x = (\n", r"not valid Python"),
+        ("x = 1 / 0\n", r"cannot evaluate `1 / 0`"),
+        ("x = dict(**other)\n", r"only literals"),
+    ],
+)
+def test_only_literal_files_are_read(tmp_path: Path, text: str, pattern: str):
+    with pytest.raises(ConfigError, match=pattern):
+        read_config_file(write(tmp_path, text))
+
+
+def test_names_assigned_earlier_and_private_helpers(tmp_path: Path):
+    raw = read_config_file(write(tmp_path, "_fps = 24\nframe_interval = 3\nfps = _fps // frame_interval\n"))
+    assert raw == {"frame_interval": 3, "fps": 8}
+
+
+def test_missing_file_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.py"):
+        load_config(tmp_path / "nope.py", "train")
+
+
+def test_kind_is_guessed_or_asked_for(tmp_path: Path):
+    assert detect_kind({"epochs": 1}) == "train"
+    assert detect_kind({"save_dir": "x"}) == "inference"
+    with pytest.raises(ConfigError, match="say which with --kind"):
+        load_config(write(tmp_path, "seed = 1\n"))
+    assert isinstance(load_config(write(tmp_path, "seed = 1\n"), "inference"), InferenceConfig)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_set_fields_by_dotted_path():
+    path = ROOT / "configs/debug/inference.py"
+    config = load_config(
+        path,
+        overrides={
+            "prompt_path": "prompts.txt",
+            "model.from_pretrained": "outputs/exp/checkpoint",
+            "scheduler.num_sampling_steps": 3,
+            "image_size": (64, 96),
+            "seed": None,  # not given on the command line: the file's value stays
+        },
+    )
+    assert config.prompt_path == "prompts.txt"
+    assert config.model.from_pretrained == "outputs/exp/checkpoint"
+    assert config.model.type == "debug"  # the rest of the section is kept
+    assert config.scheduler.num_sampling_steps == 3
+    assert config.scheduler.cfg_scale == 4.0
+    assert config.image_size == (64, 96)
+    assert config.seed == 42
+
+
+def test_override_creates_a_missing_section(tmp_path: Path):
+    config = load_config(write(tmp_path, TRAIN_MINIMAL), overrides={"model.from_pretrained": "w.pth"})
+    assert config.model.from_pretrained == "w.pth"
+
+
+def test_bad_override_value_blames_the_command_line():
+    with pytest.raises(ConfigError, match=r"^command line: num_frames: must be >= 1, got 0"):
+        load_config(ROOT / "configs/debug/inference.py", overrides={"num_frames": 0})
+
+
+def test_unknown_override_path_is_an_error():
+    with pytest.raises(ConfigError, match=r"unknown key 'model.from_pretraind'"):
+        load_config(ROOT / "configs/debug/inference.py", overrides={"model.from_pretraind": "x"})
+
+
+def test_configs_are_frozen():
+    config = load_config(ROOT / "configs/debug/train.py")
+    with pytest.raises(AttributeError):
+        config.lr = 1.0  # type: ignore[misc]

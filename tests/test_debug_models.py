@@ -1,0 +1,91 @@
+"""The tiny T5 and VAE: written with save_pretrained, loaded through the real from_pretrained path."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from sora_model.debug import DEBUG_TEXT_DIM, SD_VAE_SCALING_FACTOR, write_debug_models
+from sora_model.errors import ModelLoadError
+from sora_model.text_encoder import T5Encoder
+from sora_model.vae import VideoAutoencoderKL
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+def test_vae_has_the_sd_latent_geometry(debug_models):
+    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]), micro_batch_size=2)
+    assert vae.scaling_factor == pytest.approx(SD_VAE_SCALING_FACTOR)
+    assert (vae.out_channels, vae.spatial_stride) == (4, 8)
+    video = torch.rand(2, 3, 5, 64, 96) * 2 - 1  # (B, C, T, H, W)
+    latents = vae.encode(video, generator=torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 5, 8, 12)
+    assert vae.latent_size(5, 64, 96) == (5, 8, 12)
+    decoded = vae.decode(latents)
+    assert decoded.shape == video.shape
+
+
+def test_vae_frames_are_independent_of_the_micro_batch(debug_models):
+    """Per-frame encoding: micro-batching must not change any latent (the cache relies on it)."""
+    video = torch.rand(1, 3, 6, 32, 32) * 2 - 1
+    whole = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]), micro_batch_size=None)
+    chunked = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]), micro_batch_size=4)
+    mean_a, logvar_a = whole.encode_moments(video)
+    mean_b, logvar_b = chunked.encode_moments(video)
+    torch.testing.assert_close(mean_a, mean_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logvar_a, logvar_b, rtol=1e-5, atol=1e-5)
+    # Frame 2 alone encodes to latent frame 2 of the whole clip.
+    alone, _ = whole.encode_moments(video[:, :, 2:3])
+    torch.testing.assert_close(alone[:, :, 0], mean_a[:, :, 2], rtol=1e-5, atol=1e-5)
+
+
+def test_vae_sample_is_mean_plus_scaled_noise(debug_models):
+    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]))
+    video = torch.rand(1, 3, 2, 32, 32) * 2 - 1
+    mean, logvar = vae.encode_moments(video)
+    a = vae.encode(video, generator=torch.Generator().manual_seed(7))
+    b = vae.encode(video, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, b)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, mean + torch.exp(0.5 * logvar) * noise)
+
+
+def test_t5_encodes_captions_with_a_mask_of_real_tokens(debug_models):
+    encoder = T5Encoder.from_pretrained(str(debug_models["text_encoder"]), model_max_length=16)
+    assert encoder.output_dim == DEBUG_TEXT_DIM
+    captions = ["a red circle moves left on a blue background", "zebra?"]
+    states, mask = encoder.encode(captions)
+    assert states.shape == (2, 16, DEBUG_TEXT_DIM)
+    tokens = encoder.tokenizer(captions).input_ids
+    assert mask.sum(dim=1).tolist() == [len(ids) for ids in tokens]
+    assert tokens[0][-1] == encoder.tokenizer.eos_token_id
+    # The demo vocabulary has whole words; unknown words fall back to letters, never <unk>.
+    assert encoder.tokenizer.unk_token_id not in tokens[0] + tokens[1]
+    assert len(tokens[0]) == 10  # nine words and </s>
+    # Padding does not change the states of real tokens.
+    alone, _ = encoder.encode(captions[:1])
+    torch.testing.assert_close(alone[0, :10], states[0, :10], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path, debug_models):
+    again = write_debug_models(tmp_path / "again", seed=0)
+    other = write_debug_models(tmp_path / "other", seed=1)
+    for role in ("vae", "text_encoder"):
+        assert digest(again[role]) == digest(debug_models[role])
+        assert digest(other[role]) != digest(debug_models[role])
+
+
+def test_missing_folder_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(ModelLoadError, match=r"cannot load the VAE '.*nowhere'"):
+        VideoAutoencoderKL.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_hub_name_offline_and_not_cached_says_what_to_do(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"DeepFloyd/t5-v1_1-xxl.*HF_HUB_OFFLINE=1.*sora debug-models"):
+        T5Encoder.from_pretrained("DeepFloyd/t5-v1_1-xxl", cache_dir=str(tmp_path / "empty-cache"))
