@@ -31,7 +31,12 @@ def probe_decord(path: Path) -> tuple[int, int, int, float]:
 def probe_pyav(path: Path) -> tuple[int, int, int, float]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return stream.frames, stream.codec_context.height, stream.codec_context.width, float(stream.average_rate)
+        return (
+            stream.frames,
+            stream.codec_context.height,
+            stream.codec_context.width,
+            float(stream.average_rate),
+        )
 
 
 def decode_all(path: Path) -> tuple[int, int, int, float]:
