@@ -49,12 +49,13 @@ endif
 demo: setup
 	$(BIN)/sora demo-data $(DEMO_DIR)/data
 	$(BIN)/sora debug-models $(DEMO_DIR)/models
-	$(BIN)/sora config configs/debug/train.py
-	$(BIN)/sora config configs/debug/inference.py
+	$(BIN)/sora config configs/debug/train.py > $(DEMO_DIR)/train.resolved.py
+	$(BIN)/sora config configs/debug/inference.py > $(DEMO_DIR)/inference.resolved.py
 	@echo
-	@echo "demo data:    $(DEMO_DIR)/data/data.csv"
-	@echo "debug models: $(DEMO_DIR)/models (t5/, vae/)"
-	@echo "configs:      configs/debug/train.py, configs/debug/inference.py (valid)"
+	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
+	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
+	@echo "resolved configs: $(DEMO_DIR)/train.resolved.py, $(DEMO_DIR)/inference.resolved.py"
+	@echo "next steps (preprocess, bucket-report, train, sample) are not implemented yet"
 
 lint: setup
 	$(BIN)/ruff check .
