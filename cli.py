@@ -21,9 +21,7 @@ app = typer.Typer(
 
 # Flags shared by several commands.
 ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Training config file (Open-Sora format).")]
-AddressOpt = Annotated[
-    str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")
-]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")]
 CkptOpt = Annotated[
     str | None,
     typer.Option(
@@ -51,9 +49,7 @@ def _run(function, *args: Any, **kwargs: Any) -> Any:
 def demo_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write clips, images and data.csv into.")],
     num: Annotated[int, typer.Option("--num", "-n", min=1, help="Number of good samples.")] = 24,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Random seed; the same seed writes the same files.")
-    ] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same files.")] = 0,
 ) -> None:
     """Write a small demo dataset: mp4 clips and images of moving shapes with captions."""
     csv_path = _run(commands.demo_data, out_dir, num=num, seed=seed)
@@ -84,9 +80,7 @@ def config(
 
 @app.command("preprocess")
 def preprocess(
-    data: Annotated[
-        Path, typer.Argument(metavar="DATA.csv", help="CSV (or Parquet) with path,text columns.")
-    ],
+    data: Annotated[Path, typer.Argument(metavar="DATA.csv", help="CSV (or Parquet) with path,text columns.")],
     config_path: ConfigArg,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="Cache folder (default: the config's cache_dir).")
@@ -107,8 +101,9 @@ def bucket_report(
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the report to this PNG.")] = None,
 ) -> None:
     """Show how a dataset falls into the config's buckets, and what is dropped and why."""
-    _run(commands.load, config_path, "train", {})
-    _not_implemented("bucket-report")
+    typer.echo(_run(commands.bucket_report, source, config_path, as_json, plot), nl=False)
+    if plot is not None:
+        typer.echo(f"plot: {plot}", err=True)
 
 
 @app.command("train")
@@ -121,13 +116,9 @@ def train(
     load: Annotated[str | None, typer.Option("--load", help="Checkpoint folder to resume from.")] = None,
     ckpt_path: CkptOpt = None,
     num_workers: Annotated[int | None, typer.Option("--num-workers", help="Training workers.")] = None,
-    gpu: Annotated[
-        bool | None, typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if any).")
-    ] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if any).")] = None,
     address: AddressOpt = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Batch size (fixed-size form).")
-    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size (fixed-size form).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
@@ -154,9 +145,7 @@ def train(
 def sample(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Inference config file.")],
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")] = None,
-    prompt_path: Annotated[
-        str | None, typer.Option("--prompt-path", help="File of prompts, one per line.")
-    ] = None,
+    prompt_path: Annotated[str | None, typer.Option("--prompt-path", help="File of prompts, one per line.")] = None,
     ckpt_path: CkptOpt = None,
     save_dir: Annotated[str | None, typer.Option("--save-dir", help="Folder for the mp4 files.")] = None,
     num_frames: Annotated[int | None, typer.Option("--num-frames", help="Frames per clip.")] = None,

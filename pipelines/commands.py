@@ -21,6 +21,14 @@ def show_config(path: str | Path, kind: str | None) -> str:
     return format_config(load_config(path, kind))  # type: ignore[arg-type]
 
 
+def bucket_report(source: str | Path, config_path: str | Path, as_json: bool, plot: str | Path | None) -> str:
+    """The bucket report of a CSV/Parquet table under a training config."""
+    from pipelines.bucket_report import bucket_report as report
+
+    config = load_config(config_path, "train")
+    return report(source, config, as_json, plot)  # type: ignore[arg-type]
+
+
 def demo_data(out_dir: str | Path, num: int = 24, seed: int = 0) -> Path:
     """Write the demo dataset; returns its data.csv."""
     # Imported here, not at the top: `sora --help` and config commands stay fast

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from bucketing.config import BucketConfigError, parse_bucket_config
 from sora_model.sizes import MODEL_SIZES
 
 
@@ -216,6 +217,11 @@ class TrainConfig:
             raise ConfigError(f"sp_size={self.sp_size} needs plugin='zero2-seq' (sequence parallelism)")
         if self.mask_ratios is not None:
             _check_mask_ratios(self.mask_ratios)
+        if self.bucket_config is not None:
+            try:
+                parse_bucket_config(self.bucket_config, self.frame_interval)
+            except BucketConfigError as error:
+                raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -434,9 +440,7 @@ def _describe(annotation: Any) -> str:
         return "None"
     if dataclasses.is_dataclass(annotation):
         return "dict(...)"
-    return {bool: "True/False", int: "an integer", float: "a number", str: "a string"}.get(
-        annotation, str(annotation)
-    )
+    return {bool: "True/False", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
 
 
 def _convert(value: Any, annotation: Any, name: str, context: _Context) -> Any:
@@ -445,9 +449,7 @@ def _convert(value: Any, annotation: Any, name: str, context: _Context) -> Any:
     arguments = typing.get_args(annotation)
 
     def wrong() -> ConfigError:
-        return ConfigError(
-            f"{name}: expected {_describe(annotation)}, got {value!r} ({type(value).__name__})"
-        )
+        return ConfigError(f"{name}: expected {_describe(annotation)}, got {value!r} ({type(value).__name__})")
 
     if origin in (Union, types.UnionType):
         if value is None:
@@ -489,9 +491,7 @@ def _convert(value: Any, annotation: Any, name: str, context: _Context) -> Any:
         if not isinstance(value, list | tuple):
             raise wrong()
         if len(arguments) == 2 and arguments[1] is Ellipsis:
-            return tuple(
-                _convert(item, arguments[0], f"{name}[{i}]", context) for i, item in enumerate(value)
-            )
+            return tuple(_convert(item, arguments[0], f"{name}[{i}]", context) for i, item in enumerate(value))
         if len(value) != len(arguments):
             raise wrong()
         return tuple(
@@ -544,13 +544,9 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str, context: _Context) ->
         if key not in fields:
             ignored = IGNORED_KEYS.get(section, {})
             if key in ignored:
-                context.notice(
-                    f"{context.source(dotted)}: ignoring Open-Sora key '{dotted}' ({ignored[key]})"
-                )
+                context.notice(f"{context.source(dotted)}: ignoring Open-Sora key '{dotted}' ({ignored[key]})")
                 continue
-            raise ConfigError(
-                _unknown_key(dotted, key, [name for name in fields if not name.startswith("_")])
-            )
+            raise ConfigError(_unknown_key(dotted, key, [name for name in fields if not name.startswith("_")]))
         converted = _convert(value, hints[key], dotted, context)
         metadata = fields[key].metadata
         if isinstance(converted, int | float) and not isinstance(converted, bool):
@@ -609,9 +605,7 @@ def _merge_dataset_section(raw: dict[str, Any], path: str, notice: Callable[[str
                 raise ConfigError(f"{path}: " + _not_one_of("dataset.type", value, list(DATASET_TYPES)))
         elif key == "transform_name":
             if value not in DATASET_TRANSFORMS:
-                raise ConfigError(
-                    f"{path}: " + _not_one_of("dataset.transform_name", value, list(DATASET_TRANSFORMS))
-                )
+                raise ConfigError(f"{path}: " + _not_one_of("dataset.transform_name", value, list(DATASET_TRANSFORMS)))
         elif key in DATASET_FIELDS:
             if value is None or value == (None, None):
                 continue  # "set elsewhere" in Open-Sora's files (bucket_config, --data-path)

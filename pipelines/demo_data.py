@@ -83,15 +83,12 @@ def plan_demo(num: int = 24, seed: int = 0) -> list[DemoItem]:
         if index >= num - num_images:
             extension = "png" if index % 2 else "jpg"
             text = f"{_article(color)} {color} {shape} on {_article(background)} {background} background"
-            items.append(
-                DemoItem(f"image_{index:03d}.{extension}", text, "image", width, height, 1, 0, **scene)
-            )
+            items.append(DemoItem(f"image_{index:03d}.{extension}", text, "image", width, height, 1, 0, **scene))
         else:
             num_frames = rng.randrange(10, 49)
             fps = rng.choice(FRAME_RATES)
             text = (
-                f"{_article(color)} {color} {shape} moves {direction} "
-                f"on {_article(background)} {background} background"
+                f"{_article(color)} {color} {shape} moves {direction} on {_article(background)} {background} background"
             )
             items.append(
                 DemoItem(

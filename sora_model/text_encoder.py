@@ -30,9 +30,7 @@ class T5Encoder:
     ) -> T5Encoder:
         """Load tokenizer and encoder of `name` (hub id or local folder) with `from_pretrained`."""
         options = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only}
-        tokenizer = load_pretrained(
-            "T5 tokenizer", name, lambda: AutoTokenizer.from_pretrained(name, **options)
-        )
+        tokenizer = load_pretrained("T5 tokenizer", name, lambda: AutoTokenizer.from_pretrained(name, **options))
         model = load_pretrained(
             "T5 encoder", name, lambda: T5EncoderModel.from_pretrained(name, dtype=dtype, **options)
         )

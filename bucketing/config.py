@@ -1,0 +1,100 @@
+"""`bucket_config = {resolution: {num_frames: (keep_prob, batch_size)}}`, parsed and checked.
+
+A config without bucket_config (Open-Sora 1.0's fixed size) is one bucket: every sample
+is resized and centre-cropped to `image_size`, `num_frames` frames, kept with probability 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bucketing.aspect import RESOLUTIONS, Resolution, round_to_multiple
+
+
+class BucketConfigError(ValueError):
+    """A bucket_config entry that cannot be used; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class FrameBucket:
+    """One (resolution, num_frames) entry: its keep probability and per-worker batch size."""
+
+    num_frames: int
+    keep_prob: float
+    batch_size: int | None  # None only when keep_prob == 0 (the entry excludes)
+
+
+@dataclass(frozen=True)
+class ResolutionBuckets:
+    """A resolution with its frame buckets, largest T first."""
+
+    resolution: Resolution
+    frames: tuple[FrameBucket, ...]
+
+    def frame_bucket(self, num_frames: int) -> FrameBucket | None:
+        return next((bucket for bucket in self.frames if bucket.num_frames == num_frames), None)
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """All buckets of a config, largest resolution first (the order samples try them in)."""
+
+    resolutions: tuple[ResolutionBuckets, ...]
+    frame_interval: int = 1
+
+    def __iter__(self):
+        return iter(self.resolutions)
+
+
+def parse_bucket_config(raw: Mapping[Any, Any], frame_interval: int = 1) -> BucketConfig:
+    """Check a bucket_config dict and order it for assignment."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise BucketConfigError("bucket_config must be a non-empty dict {resolution: {num_frames: (keep_prob, bs)}}")
+    parsed = []
+    for name, frames in raw.items():
+        if name not in RESOLUTIONS:
+            raise BucketConfigError(
+                f"bucket_config: unknown resolution {name!r}; valid names: {', '.join(RESOLUTIONS)}"
+            )
+        if not isinstance(frames, Mapping) or not frames:
+            raise BucketConfigError(
+                f"bucket_config[{name!r}]: expected a non-empty dict {{num_frames: (keep_prob, bs)}}"
+            )
+        buckets = [_frame_bucket(name, num_frames, value) for num_frames, value in frames.items()]
+        buckets.sort(key=lambda bucket: -bucket.num_frames)
+        parsed.append(ResolutionBuckets(RESOLUTIONS[name], tuple(buckets)))
+    parsed.sort(key=lambda entry: -entry.resolution.budget)
+    return BucketConfig(tuple(parsed), frame_interval)
+
+
+def _frame_bucket(name: str, num_frames: Any, value: Any) -> FrameBucket:
+    where = f"bucket_config[{name!r}][{num_frames!r}]"
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
+        raise BucketConfigError(f"{where}: num_frames must be a positive integer, got {num_frames!r}")
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise BucketConfigError(f"{where}: expected (keep_prob, batch_size), got {value!r}")
+    keep_prob, batch_size = value
+    if isinstance(keep_prob, bool) or not isinstance(keep_prob, int | float) or not 0.0 <= keep_prob <= 1.0:
+        raise BucketConfigError(f"{where}: keep_prob must be a number in [0, 1], got {keep_prob!r}")
+    if batch_size is None:
+        if keep_prob > 0:
+            raise BucketConfigError(
+                f"{where}: batch_size is None but keep_prob is {keep_prob}; "
+                "use (0.0, None) to exclude the bucket, or give a batch size"
+            )
+    elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BucketConfigError(f"{where}: batch_size must be a positive integer or None, got {batch_size!r}")
+    return FrameBucket(num_frames, float(keep_prob), batch_size)
+
+
+def fixed_bucket_config(
+    image_size: tuple[int, int], num_frames: int, batch_size: int, frame_interval: int = 1
+) -> BucketConfig:
+    """Open-Sora 1.0's fixed size as one bucket: any size qualifies (it is resized), keep all."""
+    height, width = (round_to_multiple(side) for side in image_size)
+    key = f"{height / width:.2f}"
+    resolution = Resolution(name=f"{height}x{width}", budget=0, table={key: (height, width)})
+    frames = (FrameBucket(num_frames, 1.0, batch_size),)
+    return BucketConfig((ResolutionBuckets(resolution, frames),), frame_interval)

@@ -1,0 +1,197 @@
+"""The bucket report: what `assign_buckets` decided, aggregated. Nothing here re-decides.
+
+Per bucket: samples, batch size, full batches per epoch, leftover samples and share of
+the training compute (latent tokens x samples). Per drop reason: count and examples.
+Rows in = kept + dropped, always.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bucketing.assign import Assignments, Bucket, Drop
+
+# Latent tokens of a T x H x W sample: VAE stride 8 and patch 2 make 16 x 16 pixels a token.
+PIXELS_PER_TOKEN_SIDE = 16
+DROP_WARNING_SHARE = 0.3  # warn when a config drops more than this share of the rows
+MAX_EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class BucketRow:
+    bucket: Bucket
+    samples: int
+    full_batches: int  # per epoch, of the bucket's batch size
+    leftover: int  # samples that do not fill a last batch
+    tokens_per_sample: int
+    compute_share: float  # of tokens x samples over all buckets
+
+
+@dataclass(frozen=True)
+class DropRow:
+    reason: str
+    count: int
+    examples: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    rows_in: int
+    kept: int
+    buckets: tuple[BucketRow, ...]
+    drops: tuple[DropRow, ...]
+    empty_buckets: tuple[str, ...]  # configured (resolution, T) that no sample reached
+    warnings: tuple[str, ...]
+    frame_interval: int
+    aspects: dict[str, dict[str, int]] = field(default_factory=dict)  # resolution -> aspect -> samples
+
+    @property
+    def dropped(self) -> int:
+        return self.rows_in - self.kept
+
+
+def tokens_per_sample(bucket: Bucket) -> int:
+    side = PIXELS_PER_TOKEN_SIDE
+    return bucket.num_frames * (bucket.height // side) * (bucket.width // side)
+
+
+def build_report(
+    assignments: Assignments,
+    names: Sequence[str],
+    rejected: Mapping[str, Sequence[str]] | None = None,
+) -> Report:
+    """Aggregate assignments of rows named `names` (e.g. paths); `rejected` are rows that
+    never reached assignment (reason -> names), such as files that could not be probed."""
+    rejected = rejected or {}
+    kept_rows = np.flatnonzero(assignments.reason == Drop.KEPT)
+    # One integer per (resolution, T, aspect) so that grouping is a single np.unique.
+    codes = (
+        assignments.resolution[kept_rows].astype(np.int64) << 40
+        | assignments.num_frames[kept_rows].astype(np.int64) << 16
+        | assignments.aspect[kept_rows].astype(np.int64)
+    )
+    _unique_codes, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    buckets = [assignments.bucket(int(kept_rows[index])) for index in first]
+    compute = [tokens_per_sample(bucket) * int(count) for bucket, count in zip(buckets, counts, strict=True)]
+    total_compute = sum(compute) or 1
+    rows = [
+        BucketRow(
+            bucket=bucket,
+            samples=int(count),
+            full_batches=int(count) // bucket.batch_size,
+            leftover=int(count) % bucket.batch_size,
+            tokens_per_sample=tokens_per_sample(bucket),
+            compute_share=cost / total_compute,
+        )
+        for bucket, count, cost in zip(buckets, counts, compute, strict=True)
+    ]
+    order = {entry.resolution.name: i for i, entry in enumerate(assignments.config.resolutions)}
+    rows.sort(key=lambda row: (order[row.bucket.resolution], -row.bucket.num_frames, float(row.bucket.aspect)))
+
+    drops = [
+        DropRow(reason, len(examples), tuple(examples[:MAX_EXAMPLES]))
+        for reason, examples in rejected.items()
+        if len(examples)
+    ]
+    for reason in Drop:
+        if reason == Drop.KEPT:
+            continue
+        where = np.flatnonzero(assignments.reason == reason)
+        if len(where):
+            drops.append(DropRow(reason.description, len(where), tuple(names[i] for i in where[:MAX_EXAMPLES])))
+
+    reached = {(row.bucket.resolution, row.bucket.num_frames) for row in rows}
+    empty = tuple(
+        f"{entry.resolution.name} T={bucket.num_frames}"
+        for entry in assignments.config.resolutions
+        for bucket in entry.frames
+        if bucket.keep_prob > 0 and (entry.resolution.name, bucket.num_frames) not in reached
+    )
+    aspects: dict[str, dict[str, int]] = {}
+    for row in rows:
+        per_resolution = aspects.setdefault(row.bucket.resolution, {})
+        per_resolution[row.bucket.aspect] = per_resolution.get(row.bucket.aspect, 0) + row.samples
+
+    rows_in = len(assignments) + sum(len(examples) for examples in rejected.values())
+    kept = len(kept_rows)
+    report = Report(rows_in, kept, tuple(rows), tuple(drops), empty, (), assignments.config.frame_interval, aspects)
+    return dataclasses.replace(report, warnings=tuple(_warnings(report)))
+
+
+def _warnings(report: Report) -> list[str]:
+    warnings = []
+    for row in report.buckets:
+        if row.full_batches == 0:
+            warnings.append(
+                f"bucket {row.bucket.name} yields no batch: {row.samples} samples < batch size "
+                f"{row.bucket.batch_size}, so they are never trained on"
+            )
+    if report.rows_in and report.dropped / report.rows_in > DROP_WARNING_SHARE:
+        warnings.append(
+            f"the config drops {report.dropped / report.rows_in:.0%} of the data "
+            f"({report.dropped} of {report.rows_in} rows); see the drop reasons"
+        )
+    return warnings
+
+
+def report_to_dict(report: Report) -> dict:
+    """A JSON-ready dict of the report."""
+    return {
+        "rows_in": report.rows_in,
+        "kept": report.kept,
+        "dropped": report.dropped,
+        "frame_interval": report.frame_interval,
+        "buckets": [
+            {
+                "name": row.bucket.name,
+                "resolution": row.bucket.resolution,
+                "num_frames": row.bucket.num_frames,
+                "aspect": row.bucket.aspect,
+                "height": row.bucket.height,
+                "width": row.bucket.width,
+                "batch_size": row.bucket.batch_size,
+                "samples": row.samples,
+                "full_batches": row.full_batches,
+                "leftover": row.leftover,
+                "tokens_per_sample": row.tokens_per_sample,
+                "compute_share": round(row.compute_share, 6),
+            }
+            for row in report.buckets
+        ],
+        "drops": [{"reason": d.reason, "count": d.count, "examples": list(d.examples)} for d in report.drops],
+        "empty_buckets": list(report.empty_buckets),
+        "warnings": list(report.warnings),
+    }
+
+
+def format_report(report: Report) -> str:
+    """The report as a plain-text table for a terminal."""
+    lines = [
+        f"rows in: {report.rows_in}   kept: {report.kept}   dropped: {report.dropped}   "
+        f"(frame_interval {report.frame_interval})",
+        "",
+        f"{'bucket':<22} {'size HxW':>10} {'samples':>8} {'batch':>6} {'batches':>8} {'leftover':>9} {'compute':>8}",
+    ]
+    for row in report.buckets:
+        size = f"{row.bucket.height}x{row.bucket.width}"
+        lines.append(
+            f"{row.bucket.name:<22} {size:>10} {row.samples:>8} {row.bucket.batch_size:>6} "
+            f"{row.full_batches:>8} {row.leftover:>9} {row.compute_share:>8.1%}"
+        )
+    if not report.buckets:
+        lines.append("(no sample is in any bucket)")
+    lines += ["", f"{'dropped':<8} reason"]
+    for drop in report.drops:
+        lines.append(f"{drop.count:<8} {drop.reason}")
+        lines.append(f"{'':<8} e.g. {', '.join(drop.examples)}")
+    if not report.drops:
+        lines.append("(nothing dropped)")
+    if report.empty_buckets:
+        lines += ["", "configured buckets no sample reached: " + ", ".join(report.empty_buckets)]
+    for warning in report.warnings:
+        lines.append(f"WARNING: {warning}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,46 @@
+"""The input table (CSV or Parquet of path,text[,metadata]) and sample ids."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.config import ConfigError
+
+REQUIRED_COLUMNS = ("path", "text")
+# Open-Sora's data tools write these; when present they spare probing the files.
+METADATA_COLUMNS = ("num_frames", "height", "width", "fps")
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read the input table; a missing file or required column fails at once, naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"input table not found: {path}")
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, dtype={"path": str, "text": str}, keep_default_na=False, engine="pyarrow")
+    except Exception as error:  # pandas and pyarrow raise many types for a malformed file
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
+    if missing:
+        raise ConfigError(
+            f"{path}: missing required column {', '.join(repr(c) for c in missing)} "
+            f"(found: {', '.join(map(str, table.columns))})"
+        )
+    return table
+
+
+def resolve_paths(paths: pd.Series, table_path: str | Path, root: str | None) -> list[Path]:
+    """Relative paths resolve against `root` when the config sets it, else the table's folder."""
+    base = Path(root) if root else Path(table_path).parent
+    return [Path(p) if Path(p).is_absolute() else base / p for p in paths]
+
+
+def sample_id(path: str, text: str) -> str:
+    """A stable id of a sample: its path as written in the table and its caption."""
+    return hashlib.blake2b(f"{path}\0{text}".encode(), digest_size=16).hexdigest()
