@@ -52,6 +52,10 @@ MASK_NAMES = (
 )
 
 
+# Open-Sora 1.2 renamed them ("identity", "quarter_head", ...); those files' names are read as these.
+MASK_NAME_ALIASES = {"identity": "mask_no"} | {name.removeprefix("mask_"): name for name in MASK_NAMES[1:]}
+
+
 def _at_least(low: float) -> dict[str, Any]:
     return {"min": low}
 
@@ -216,7 +220,9 @@ class TrainConfig:
         if self.sp_size > 1 and self.plugin != "zero2-seq":
             raise ConfigError(f"sp_size={self.sp_size} needs plugin='zero2-seq' (sequence parallelism)")
         if self.mask_ratios is not None:
-            _check_mask_ratios(self.mask_ratios)
+            ratios = {MASK_NAME_ALIASES.get(name, name): ratio for name, ratio in self.mask_ratios.items()}
+            _check_mask_ratios(ratios)
+            object.__setattr__(self, "mask_ratios", ratios)  # frozen: canonical names, set once here
         if self.bucket_config is not None:
             try:
                 parse_bucket_config(self.bucket_config, self.frame_interval)
@@ -650,7 +656,7 @@ def load_config(
         return _build(CONFIG_CLASSES[kind], raw, "", context)
     except ConfigError as error:
         message = str(error)
-        if any(message.startswith(dotted) for dotted in overridden):
+        if any(message.startswith((f"{dotted}:", f"{dotted}[", f"{dotted} ")) for dotted in overridden):
             raise ConfigError(f"command line: {message}") from None
         raise ConfigError(f"{path}: {message}") from None
 

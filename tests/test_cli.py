@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,3 +107,36 @@ def test_demo_data_and_debug_models_write_files(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "models" / "vae" / "config.json").exists()
     assert (tmp_path / "models" / "t5" / "tokenizer_config.json").exists()
+
+
+def test_bucket_report_of_the_demo_csv_explains_every_row(tmp_path: Path, demo_csv: Path):
+    plot = tmp_path / "report.png"
+    result = sora("bucket-report", str(demo_csv), "--config", "configs/debug/train.py", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    assert "rows in: 15   kept: 12   dropped: 3" in result.stdout
+    assert "could not be probed: file not found" in result.stdout
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bucket_report_json_uses_metadata_columns_without_probing(tmp_path: Path):
+    table = tmp_path / "meta.csv"
+    rows = ["path,text,num_frames,height,width,fps"]
+    rows += [f"missing_{i}.mp4,clip {i},40,{240 + i},426,24" for i in range(6)]  # files need not exist
+    rows += ["still.png,an image,1,144,256,0", "tiny.mp4,too small,40,16,16,24"]
+    table.write_text("\n".join(rows) + "\n")
+    result = sora("bucket-report", str(table), "--config", "configs/debug/train.py", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["rows_in"] == 8 and report["kept"] + report["dropped"] == 8
+    assert sum(bucket["samples"] for bucket in report["buckets"]) == report["kept"]
+    assert [drop["examples"] for drop in report["drops"]] == [["tiny.mp4"]]
+    # 240p with T=16 is (0.0, None) in the debug config: those 40-frame clips go down to 144p.
+    assert {bucket["name"] for bucket in report["buckets"] if bucket["num_frames"] == 16} == {"144p-16f-0.56"}
+
+
+def test_bucket_report_names_a_missing_column(tmp_path: Path):
+    table = tmp_path / "bad.csv"
+    table.write_text("file,caption\na.mp4,x\n")
+    result = sora("bucket-report", str(table), "--config", "configs/debug/train.py")
+    assert result.returncode == 2
+    assert "missing required column 'path', 'text'" in result.stderr

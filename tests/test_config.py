@@ -277,3 +277,18 @@ def test_configs_are_frozen():
     config = load_config(ROOT / "configs/debug/train.py")
     with pytest.raises(AttributeError):
         config.lr = 1.0  # type: ignore[misc]
+
+
+def test_later_mask_names_are_read_as_the_1_1_names(tmp_path: Path):
+    names = ("identity", "quarter_random", "image_head_tail")
+    path = write(
+        tmp_path, TRAIN_MINIMAL + f"mask_ratios = {{'{names[0]}': 0.8, '{names[1]}': 0.1, '{names[2]}': 0.1}}\n"
+    )
+    config = load_config(path)
+    assert config.mask_ratios == {"mask_no": 0.8, "mask_quarter_random": 0.1, "mask_image_head_tail": 0.1}
+
+
+def test_file_errors_are_not_blamed_on_a_similar_override(tmp_path: Path):
+    path = write(tmp_path, 'save_dir = "x"\nprompt_path = 3\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: prompt_path: expected a string"):
+        load_config(path, "inference", overrides={"prompt": ["hi"]})

@@ -89,3 +89,18 @@ def test_hub_name_offline_and_not_cached_says_what_to_do(monkeypatch, tmp_path: 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"DeepFloyd/t5-v1_1-xxl.*HF_HUB_OFFLINE=1.*sora debug-models"):
         T5Encoder.from_pretrained("DeepFloyd/t5-v1_1-xxl", cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_vae_moments_are_the_diffusers_posterior_scaled(debug_models):
+    """Latents are SD-scaled: mean x s and std x s of diffusers' own posterior (s = 0.18215)."""
+    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]))
+    video = torch.rand(1, 3, 3, 32, 48) * 2 - 1
+    mean, logvar = vae.encode_moments(video)
+    frames = video[0].permute(1, 0, 2, 3)  # (T, C, H, W)
+    posterior = vae.module.encode(frames).latent_dist
+    s = SD_VAE_SCALING_FACTOR
+    torch.testing.assert_close(mean[0].permute(1, 0, 2, 3), posterior.mean * s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.exp(0.5 * logvar[0]).permute(1, 0, 2, 3), posterior.std * s, rtol=1e-4, atol=1e-6)
+    decoded = vae.decode(mean)
+    expected = vae.module.decode(posterior.mean).sample  # (T, C, H, W)
+    torch.testing.assert_close(decoded[0].permute(1, 0, 2, 3), expected, rtol=1e-4, atol=1e-5)
