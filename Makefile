@@ -51,11 +51,13 @@ demo: setup
 	$(BIN)/sora debug-models $(DEMO_DIR)/models
 	$(BIN)/sora config configs/debug/train.py > $(DEMO_DIR)/train.resolved.py
 	$(BIN)/sora config configs/debug/inference.py > $(DEMO_DIR)/inference.resolved.py
+	$(BIN)/sora bucket-report $(DEMO_DIR)/data/data.csv --config configs/debug/train.py --plot $(DEMO_DIR)/buckets.png
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
 	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
 	@echo "resolved configs: $(DEMO_DIR)/train.resolved.py, $(DEMO_DIR)/inference.resolved.py"
-	@echo "next steps (preprocess, bucket-report, train, sample) are not implemented yet"
+	@echo "bucket report:    above, and drawn in $(DEMO_DIR)/buckets.png"
+	@echo "next steps (preprocess, train, sample) are not implemented yet"
 
 lint: setup
 	$(BIN)/ruff check .
