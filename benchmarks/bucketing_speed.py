@@ -25,16 +25,11 @@ import pandas as pd
 
 from bucketing.assign import assign_buckets, keep_draw, sample_keys
 from bucketing.config import parse_bucket_config
+from pipelines.config import read_config_file
 
-BUCKETS = {
-    "240p": {16: (1.0, 16), 32: (1.0, 8), 64: (1.0, 4), 128: (1.0, 2)},
-    "256": {1: (1.0, 256)},
-    "512": {1: (1.0, 80)},
-    "480p": {1: (1.0, 52), 16: (0.5, 4), 32: (0.0, None)},
-    "720p": {16: (1.0, 2), 32: (0.0, None)},
-    "1024": {1: (1.0, 20)},
-    "1080p": {1: (1.0, 8)},
-}
+MIXED_CONFIG = Path(__file__).resolve().parent.parent / "configs/opensora-v1-1/train/mixed.py"
+# The seed documents' mixed image and video table.
+BUCKETS = read_config_file(MIXED_CONFIG)["bucket_config"]
 SIZES = np.array(
     [(240, 426), (360, 640), (480, 854), (720, 1280), (1080, 1920), (1440, 2560), (1080, 1080), (1920, 1080)]
 )

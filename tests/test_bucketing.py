@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +15,12 @@ from bucketing.aspect import BUDGETS, RESOLUTIONS, VIDEO_RATIOS, closest_aspect,
 from bucketing.assign import Bucket, Drop, assign_bucket, assign_buckets, keep_draw, sample_key, sample_keys
 from bucketing.config import BucketConfigError, fixed_bucket_config, parse_bucket_config
 from bucketing.report import build_report
+from pipelines.config import read_config_file
 
-SEED_MIXED = {
-    "240p": {16: (1.0, 16), 32: (1.0, 8), 64: (1.0, 4), 128: (1.0, 2)},
-    "256": {1: (1.0, 256)},
-    "512": {1: (1.0, 80)},
-    "480p": {1: (1.0, 52), 16: (0.5, 4), 32: (0.0, None)},
-    "720p": {16: (1.0, 2), 32: (0.0, None)},
-    "1024": {1: (1.0, 20)},
-    "1080p": {1: (1.0, 8)},
-}
+# The seed documents' opening example, as shipped in configs/ (one copy of the table).
+SEED_MIXED = read_config_file(Path(__file__).resolve().parent.parent / "configs/opensora-v1-1/train/mixed.py")[
+    "bucket_config"
+]
 SEED_WALKTHROUGH = {"480p": {16: (1.0, 8)}, "720p": {16: (0.5, 4)}, "1080p": {16: (0.2, 2)}, "4k": {16: (0.1, 1)}}
 
 
