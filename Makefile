@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: setup demo test lint format bench clean help
 
 help:
-	@echo "make demo   set up .venv, make demo data and tiny models, run the pipeline on them"
+	@echo "make demo   set up .venv, make demo data and tiny models, run the pipeline as far as it goes"
 	@echo "make test   set up .venv, lint and run the test suite"
 	@echo "make bench  run the benchmarks in benchmarks/"
 	@echo "make setup  only create .venv and install the project (idempotent)"

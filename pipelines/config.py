@@ -260,6 +260,15 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         _check_image_size("image_size", self.image_size)
+        if self.prompt is not None and not self.prompt:
+            raise ConfigError("prompt: an empty list; give prompts or set prompt = None to use prompt_path")
+        for name in ("reference_path", "mask_strategy"):
+            per_prompt = getattr(self, name)
+            if per_prompt is not None and self.prompt is not None and len(per_prompt) != len(self.prompt):
+                raise ConfigError(
+                    f"{name}: {len(per_prompt)} entries for {len(self.prompt)} prompts; give one per prompt "
+                    "(None for a prompt without conditioning)"
+                )
         if self.loop > 1 and not 0 < self.condition_frame_length < self.num_frames:
             raise ConfigError(
                 f"condition_frame_length must be between 1 and num_frames - 1 ({self.num_frames - 1}) "
@@ -615,7 +624,10 @@ def _merge_dataset_section(raw: dict[str, Any], path: str, notice: Callable[[str
         elif key in DATASET_FIELDS:
             if value is None or value == (None, None):
                 continue  # "set elsewhere" in Open-Sora's files (bucket_config, --data-path)
-            if key in raw and raw[key] != value:
+            if isinstance(value, list):
+                value = tuple(value)
+            current = tuple(raw[key]) if isinstance(raw.get(key), list) else raw.get(key)
+            if key in raw and current != value:
                 raise ConfigError(
                     f"{path}: dataset.{key}={value!r} disagrees with {key}={raw[key]!r}; keep one of them"
                 )
@@ -658,7 +670,21 @@ def load_config(
         message = str(error)
         if any(message.startswith((f"{dotted}:", f"{dotted}[", f"{dotted} ")) for dotted in overridden):
             raise ConfigError(f"command line: {message}") from None
+        other = _other_kind(raw, kind)
+        if other is not None:
+            raise ConfigError(f"{path} looks like {other} config, not {kind} config ({message})") from None
         raise ConfigError(f"{path}: {message}") from None
+
+
+def _other_kind(raw: Mapping[str, Any], kind: str) -> str | None:
+    """'an inference' / 'a training' when the keys clearly say the file is of the other kind."""
+    try:
+        detected = detect_kind(raw)
+    except ConfigError:
+        return None
+    if detected == kind:
+        return None
+    return "an inference" if detected == "inference" else "a training"
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], cls: type) -> set[str]:

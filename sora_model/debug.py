@@ -27,7 +27,7 @@ _WORDS = (
     "background red green blue yellow orange purple white black gray pink cyan "
     "circle square triangle shape small large video image still frame"
 ).split()
-_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%+="
+_CHARACTERS = "".join(chr(code) for code in range(33, 127))  # printable ASCII but the space
 
 
 def _debug_tokenizer() -> T5Tokenizer:

@@ -34,7 +34,7 @@ def load_pretrained(what: str, name: str, load: Callable[[], T]) -> T:
     except (OSError, ValueError) as error:
         hints = []
         if not os.path.exists(name):
-            if os.environ.get("HF_HUB_OFFLINE") == "1":
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
                 hints.append(
                     "HF_HUB_OFFLINE=1 is set and it is not in the Hugging Face cache; download it on a "
                     "machine with network access (huggingface-cli download) or point the config at a folder"

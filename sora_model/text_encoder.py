@@ -28,7 +28,10 @@ class T5Encoder:
         local_files_only: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> T5Encoder:
-        """Load tokenizer and encoder of `name` (hub id or local folder) with `from_pretrained`."""
+        """Load tokenizer and encoder of `name` (hub id or local folder) with `from_pretrained`.
+
+        Keep `dtype` fp32 (Open-Sora encodes captions in fp32): T5 v1.1 overflows in fp16.
+        """
         options = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only}
         tokenizer = load_pretrained("T5 tokenizer", name, lambda: AutoTokenizer.from_pretrained(name, **options))
         model = load_pretrained(
@@ -43,6 +46,8 @@ class T5Encoder:
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode captions padded to model_max_length: ((B, L, D) states, (B, L) int mask)."""
+        if not captions:
+            raise ValueError("no captions to encode")
         tokens = self.tokenizer(
             captions,
             max_length=self.model_max_length,

@@ -65,7 +65,7 @@ def test_sample_help_shows_the_seed_override_flags():
 )
 def test_commands_not_built_yet_say_so_and_fail(args: tuple[str, ...]):
     result = sora(*args)
-    assert result.returncode != 0
+    assert result.returncode == 3
     assert result.stdout == ""
     assert result.stderr.strip() == f"sora {args[0]}: not implemented yet"
 
@@ -140,3 +140,12 @@ def test_bucket_report_names_a_missing_column(tmp_path: Path):
     result = sora("bucket-report", str(table), "--config", "configs/debug/train.py")
     assert result.returncode == 2
     assert "missing required column 'path', 'text'" in result.stderr
+
+
+def test_output_path_that_is_a_file_is_one_line(tmp_path: Path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for command in ("demo-data", "debug-models"):
+        result = sora(command, str(blocker))
+        assert result.returncode == 2, (command, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.startswith("error:")

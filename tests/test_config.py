@@ -292,3 +292,28 @@ def test_file_errors_are_not_blamed_on_a_similar_override(tmp_path: Path):
     path = write(tmp_path, 'save_dir = "x"\nprompt_path = 3\n')
     with pytest.raises(ConfigError, match=rf"^{path}: prompt_path: expected a string"):
         load_config(path, "inference", overrides={"prompt": ["hi"]})
+
+
+def test_wrong_kind_of_config_says_so():
+    with pytest.raises(ConfigError, match=r"inference.py looks like an inference config, not train config"):
+        load_config(ROOT / "configs/debug/inference.py", "train")
+    with pytest.raises(ConfigError, match=r"train.py looks like a training config, not inference config"):
+        load_config(ROOT / "configs/debug/train.py", "inference")
+
+
+def test_dataset_section_list_equals_top_level_tuple(tmp_path: Path):
+    path = write(tmp_path, TRAIN_MINIMAL + "dataset = dict(type='VideoTextDataset', image_size=[256, 256])\n")
+    assert load_config(path, notice=lambda m: None).image_size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("prompt = []\n", r"prompt: an empty list"),
+        ("reference_path = ['a.png', None]\n", r"reference_path: 2 entries for 1 prompts"),
+        ("mask_strategy = []\n", r"mask_strategy: 0 entries for 1 prompts"),
+    ],
+)
+def test_per_prompt_lists_match_the_prompts(tmp_path: Path, text: str, pattern: str):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write(tmp_path, INFERENCE_MINIMAL + text), "inference")
