@@ -88,9 +88,7 @@ def preprocess(
     address: AddressOpt = None,
 ) -> None:
     """Probe, bucket and pre-encode a dataset into a cache of VAE latents and T5 embeddings."""
-    overrides = {"data_path": str(data), "cache_dir": _str(cache_dir)}
-    _run(commands.load, config_path, "train", overrides)
-    _not_implemented("preprocess")
+    typer.echo(_run(commands.preprocess, data, config_path, cache_dir, address), nl=False)
 
 
 @app.command("bucket-report")
@@ -188,10 +186,6 @@ def sample(
     }
     _run(commands.load, config_path, "inference", overrides)
     _not_implemented("sample")
-
-
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
 
 
 def _not_implemented(command: str) -> NoReturn:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from bucketing.assign import assign_buckets, sample_keys
 from bucketing.config import BucketConfig, fixed_bucket_config, parse_bucket_config
 from bucketing.report import Report, build_report, format_report, report_to_dict
-from pipelines.config import ConfigError, TrainConfig
+from pipelines.config import TrainConfig
 from pipelines.dataset import METADATA_COLUMNS, read_table, resolve_paths, sample_id
 from pipelines.probe import ProbeError, probe
 
@@ -65,15 +65,36 @@ def _to_int(column: pd.Series) -> pd.Series:
     return pd.to_numeric(column, errors="coerce").round().astype("Int64")
 
 
+def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
+    """The report of a finished cache: its probe table through the same assignment, with the
+    rows the cache rejected (unreadable files, failed decodes) counted by stage and reason."""
+    from pipelines import cache as C
+    from pipelines.preprocess import check_cache_matches
+
+    cache = C.Cache(cache_dir)  # refuses an unfinished folder
+    check_cache_matches(cache.root, config)
+    probed = cache.probe_table().to_pandas()
+    rejects = cache.rejects().to_pandas()
+    not_bucketing = rejects[rejects[C.STAGE] != "bucket"]
+    rejected: dict[str, list[str]] = {}
+    for row in not_bucketing.itertuples(index=False):
+        rejected.setdefault(f"{row.stage}: {row.reason}", []).append(row.path)
+    rows = probed[~probed[C.ID].isin(set(not_bucketing[C.ID]))]
+    assignments = assign_buckets(
+        bucket_config_of(config),
+        rows["src_num_frames"].to_numpy(),
+        rows["src_height"].to_numpy(),
+        rows["src_width"].to_numpy(),
+        sample_keys(rows[C.ID]),
+        config.seed,
+    )
+    return build_report(assignments, rows[C.PATH].tolist(), rejected)
+
+
 def bucket_report(source: str | Path, config: TrainConfig, as_json: bool, plot: str | Path | None) -> str:
-    """The report of `source` (a CSV/Parquet table) as text or JSON; optionally a PNG too."""
+    """The report of `source` (a CSV/Parquet table or a cache folder) as text or JSON; optionally a PNG."""
     source = Path(source)
-    if source.is_dir():
-        raise ConfigError(
-            f"{source} is a folder: reports from a preprocessed cache come with `sora preprocess`, "
-            "which is not implemented yet; pass the CSV instead"
-        )
-    report = report_from_table(source, config)
+    report = report_from_cache(source, config) if source.is_dir() else report_from_table(source, config)
     if plot is not None:
         from pipelines.plots import plot_report  # matplotlib only when asked for
 

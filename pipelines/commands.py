@@ -29,6 +29,15 @@ def bucket_report(source: str | Path, config_path: str | Path, as_json: bool, pl
     return report(source, config, as_json, plot)  # type: ignore[arg-type]
 
 
+def preprocess(data: str | Path, config_path: str | Path, cache_dir: str | Path | None, address: str | None) -> str:
+    """Preprocess DATA into the cache; returns the summary table."""
+    from pipelines.preprocess import preprocess as run
+
+    config = load_config(config_path, "train", {"data_path": str(data)})
+    summary = run(config, cache_dir or config.cache_dir, address)  # type: ignore[arg-type]
+    return summary.format()
+
+
 def demo_data(out_dir: str | Path, num: int = 24, seed: int = 0) -> Path:
     """Write the demo dataset; returns its data.csv."""
     # Imported here, not at the top: `sora --help` and config commands stay fast

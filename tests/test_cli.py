@@ -58,7 +58,6 @@ def test_sample_help_shows_the_seed_override_flags():
 @pytest.mark.parametrize(
     "args",
     [
-        ("preprocess", "data.csv", "--config", "configs/debug/train.py"),
         ("train", "configs/debug/train.py"),
         ("sample", "configs/debug/inference.py"),
     ],

@@ -1,0 +1,560 @@
+"""`sora preprocess`: a Ray Data pipeline from a CSV to a cache of VAE latents and T5 embeddings.
+
+    read table -> validate rows -> probe (Ray Data) -> assign buckets -> plan shards
+               -> decode + resize/crop (Ray Data) -> VAE encode (actors) -> T5 encode (actors)
+               -> write shards (atomic) -> rejects.arrow -> manifest.json (last)
+
+Every row ends in a shard or in rejects.arrow with its stage and reason; no row error
+stops the job. Work is cut into shards fixed before any encoding (per bucket, rows sorted
+by id, `rows_per_shard` each), and each shard file appears atomically when done, so a rerun
+after an interruption skips finished shards and ends with the very cache an uninterrupted
+run writes. A cache written under another fingerprint is never mixed with new rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from bucketing.assign import Bucket, assign_buckets, sample_keys
+from pipelines import cache as C
+from pipelines.bucket_report import bucket_config_of
+from pipelines.config import ConfigError, TrainConfig
+from pipelines.dataset import read_table, resolve_paths, sample_id
+from pipelines.media import DecodeError, frame_indices, read_frames, resize_crop
+from pipelines.probe import ProbeError, probe
+from sora_model.loading import torch_dtype
+
+# Stages named in rejects.arrow.
+VALIDATE, PROBE, BUCKET, DECODE, ENCODE = "validate", "probe", "bucket", "decode", "encode"
+REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _model_identity(name: str, revision: str | None) -> str:
+    """A hub model by name and revision; a local folder by its config and weight files' names and sizes."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return f"{name}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}\n".encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
+def fingerprint_parts(config: TrainConfig) -> dict[str, str]:
+    """Everything that changes the bytes of a cache, by name (so a mismatch can say what differs)."""
+    # Batch sizes only matter to training: changing them keeps the cache valid.
+    if config.bucket_config is not None:
+        buckets: Any = {
+            res: {t: keep for t, (keep, _) in frames.items()} for res, frames in config.bucket_config.items()
+        }
+    else:
+        buckets = (config.image_size, config.num_frames)
+    return {
+        "format_version": str(C.FORMAT_VERSION),
+        "vae": _model_identity(config.vae.from_pretrained, config.vae.revision) + f"/{config.vae.subfolder}",
+        "text_encoder": _model_identity(config.text_encoder.from_pretrained, config.text_encoder.revision),
+        "dtype": config.dtype,
+        "model_max_length": str(config.text_encoder.model_max_length),
+        "frame_interval": str(config.frame_interval),
+        "buckets": json.dumps(buckets, sort_keys=True, default=str),
+        "cache_frames_factor": str(config.cache_frames_factor),
+        "latents": "posterior mean and logvar, scaled",
+        "seed": str(config.seed),  # keep_prob draws depend on it
+    }
+
+
+def _differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+# --------------------------------------------------------------------------- stages (Ray Data)
+
+
+def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
+    """Probe stage: frame count, displayed size, fps per row; failures become rejects."""
+    batch = batch.copy()
+    for column in ("src_num_frames", "src_height", "src_width"):
+        batch[column] = batch[column].astype("int64")
+    batch["src_fps"] = batch["src_fps"].astype("float64")
+    for row in range(len(batch)):
+        try:
+            found = probe(batch["file"].iat[row])
+        except ProbeError as error:
+            batch.loc[batch.index[row], list(REJECT_COLUMNS)] = [PROBE, error.reason, error.detail[:500]]
+            continue
+        except Exception as error:
+            batch.loc[batch.index[row], list(REJECT_COLUMNS)] = [PROBE, "probe failed", repr(error)[:500]]
+            continue
+        batch.loc[batch.index[row], ["src_num_frames", "src_height", "src_width", "src_fps"]] = [
+            found.num_frames,
+            found.height,
+            found.width,
+            found.fps,
+        ]
+    return batch
+
+
+class DecodeFrames:
+    """Decode stage: the frames a bucket needs, resized and centre-cropped, as uint8 bytes."""
+
+    def __init__(self, frame_interval: int, frames_factor: float) -> None:
+        self.frame_interval = frame_interval
+        self.frames_factor = frames_factor
+        torch.set_num_threads(1)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        frames, shapes = [], []
+        for row in batch.itertuples(index=False):
+            try:
+                indices = frame_indices(row.src_num_frames, row.num_frames, self.frame_interval, self.frames_factor)
+                video = resize_crop(read_frames(row.file, indices), row.height, row.width)  # (3, F, H, W)
+                pixels = ((video + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                frames.append(pixels.numpy().tobytes())
+                shapes.append(list(pixels.shape))
+            except (DecodeError, ValueError, RuntimeError, OSError) as error:
+                frames.append(b"")
+                shapes.append([])
+                batch.loc[batch.index[len(frames) - 1], list(REJECT_COLUMNS)] = [
+                    DECODE,
+                    "cannot decode",
+                    str(error)[:500],
+                ]
+        batch = batch.copy()
+        batch["frames"] = frames
+        batch["frames_shape"] = shapes
+        return batch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class VaeEncode:
+    """VAE stage: posterior mean and log-variance per sample, loaded once per actor."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from sora_model.vae import VideoAutoencoderKL
+
+        torch.set_num_threads(max(1, int(config.preprocess.vae.num_cpus)))
+        self.device = _device()
+        compute = torch_dtype(config.dtype) if self.device.type == "cuda" else torch.float32
+        self.vae = VideoAutoencoderKL.from_pretrained(
+            config.vae.from_pretrained,
+            config.vae.micro_batch_size,
+            subfolder=config.vae.subfolder,
+            revision=config.vae.revision,
+            cache_dir=config.vae.cache_dir,
+            local_files_only=config.vae.local_files_only,
+            dtype=compute,
+        ).to(self.device)
+        self.store = torch_dtype(config.dtype)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        means, logvars, shapes, dtypes = [], [], [], []
+        for i, row in enumerate(batch.itertuples(index=False)):
+            if isinstance(row.reject_stage, str):
+                means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
+                continue
+            try:
+                pixels = torch.frombuffer(bytearray(row.frames), dtype=torch.uint8).reshape(list(row.frames_shape))
+                video = (pixels.float() / 127.5 - 1.0)[None].to(self.device)  # (1, 3, F, H, W)
+                # One sample at a time: its latents never depend on what else is in the batch.
+                mean, logvar = self.vae.encode_moments(video)  # (1, 4, F, h, w) each
+                mean_bytes, shape, dtype = C.tensor_to_bytes(mean[0].to(self.store))
+                logvar_bytes, _, _ = C.tensor_to_bytes(logvar[0].to(self.store))
+            except Exception as error:
+                batch.loc[batch.index[i], list(REJECT_COLUMNS)] = [ENCODE, "VAE failed", repr(error)[:500]]
+                means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
+                continue
+            means.append(mean_bytes), logvars.append(logvar_bytes), shapes.append(shape), dtypes.append(dtype)
+        batch = batch.drop(columns=["frames", "frames_shape"])
+        batch[C.LATENT_MEAN], batch[C.LATENT_LOGVAR] = means, logvars
+        batch[C.LATENT_SHAPE], batch[C.LATENT_DTYPE] = shapes, dtypes
+        return batch
+
+
+class TextEncode:
+    """T5 stage: caption embeddings, real tokens only, loaded once per actor."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from sora_model.text_encoder import T5Encoder
+
+        torch.set_num_threads(max(1, int(config.preprocess.text.num_cpus)))
+        self.device = _device()
+        self.encoder = T5Encoder.from_pretrained(
+            config.text_encoder.from_pretrained,
+            config.text_encoder.model_max_length,
+            revision=config.text_encoder.revision,
+            cache_dir=config.text_encoder.cache_dir,
+            local_files_only=config.text_encoder.local_files_only,
+        )
+        self.encoder.model.to(self.device)
+        self.store = torch_dtype(config.dtype)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        count = len(batch)
+        embeddings, shapes, dtypes, tokens = [b""] * count, [[]] * count, [""] * count, [0] * count
+        rows = [i for i in range(count) if not isinstance(batch["reject_stage"].iat[i], str)]
+        if rows:
+            try:
+                states, mask = self.encoder.encode([batch[C.TEXT].iat[i] for i in rows])  # (B, L, D), (B, L)
+                for slot, i in enumerate(rows):
+                    real = int(mask[slot].sum())
+                    embeddings[i], shapes[i], dtypes[i] = C.tensor_to_bytes(states[slot, :real].to(self.store))
+                    tokens[i] = real
+            except Exception as error:
+                for i in rows:
+                    batch.loc[batch.index[i], list(REJECT_COLUMNS)] = [ENCODE, "T5 failed", repr(error)[:500]]
+        batch = batch.copy()
+        batch[C.TEXT_EMB], batch[C.TEXT_SHAPE], batch[C.TEXT_DTYPE], batch[C.NUM_TOKENS] = (
+            embeddings,
+            shapes,
+            dtypes,
+            tokens,
+        )
+        return batch
+
+
+def _gpus_for(stage_gpus: float | None, cluster_gpus: float) -> float:
+    if stage_gpus is not None:
+        return stage_gpus
+    return 1.0 if cluster_gpus > 0 else 0.0
+
+
+def encode_pipeline(rows, config: TrainConfig, cluster_gpus: float):
+    """The encoding stages, composed: every stage's resources in one place."""
+    res = config.preprocess
+    return (
+        rows.map_batches(
+            DecodeFrames,
+            fn_constructor_kwargs={
+                "frame_interval": config.frame_interval,
+                "frames_factor": config.cache_frames_factor,
+            },
+            batch_format="pandas",
+            batch_size=res.decode.batch_size,
+            concurrency=res.decode.concurrency,
+            num_cpus=res.decode.num_cpus,
+            num_gpus=0,
+        )
+        .map_batches(
+            VaeEncode,
+            fn_constructor_kwargs={"config": config},
+            batch_format="pandas",
+            batch_size=res.vae.batch_size,
+            concurrency=res.vae.concurrency,
+            num_cpus=res.vae.num_cpus,
+            num_gpus=_gpus_for(res.vae.num_gpus, cluster_gpus),
+        )
+        .map_batches(
+            TextEncode,
+            fn_constructor_kwargs={"config": config},
+            batch_format="pandas",
+            batch_size=res.text.batch_size,
+            concurrency=res.text.concurrency,
+            num_cpus=res.text.num_cpus,
+            num_gpus=_gpus_for(res.text.num_gpus, cluster_gpus),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class Summary:
+    rows_in: int = 0
+    kept: dict[str, int] = field(default_factory=dict)  # bucket -> rows
+    dropped: dict[str, int] = field(default_factory=dict)  # bucketing reason -> rows
+    rejected: dict[str, int] = field(default_factory=dict)  # "stage: reason" -> rows
+    up_to_date: bool = False
+
+    def format(self) -> str:
+        lines = [
+            f"rows in: {self.rows_in}   kept: {sum(self.kept.values())}   "
+            f"dropped by bucketing: {sum(self.dropped.values())}   rejected: {sum(self.rejected.values())}"
+        ]
+        lines += [f"  kept      {count:>7}  {name}" for name, count in sorted(self.kept.items())]
+        lines += [f"  dropped   {count:>7}  {reason}" for reason, count in sorted(self.dropped.items())]
+        lines += [f"  rejected  {count:>7}  {reason}" for reason, count in sorted(self.rejected.items())]
+        return "\n".join(lines) + "\n"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None = None) -> Summary:
+    """Run (or resume) preprocessing of `config.data_path` into `cache_dir`."""
+    if config.data_path is None:
+        raise ConfigError("no input table: give DATA.csv (or set data_path in the config)")
+    cache = Path(cache_dir)
+    table_path = Path(config.data_path)
+    table = read_table(table_path)  # fails here, before any work, on a missing column
+    parts = fingerprint_parts(config)
+    parts["input"] = _input_digest(table)
+    _check_fingerprint(cache, parts)
+    if (cache / C.MANIFEST).is_file():
+        _log(f"{cache} is up to date with this config and input; nothing to do")
+        return _summary_from_manifest(json.loads((cache / C.MANIFEST).read_text()), up_to_date=True)
+    work = cache / C.WORK_DIR
+    C.write_json_atomic(parts, work / "fingerprint.json")
+
+    probed = _load_or_probe(cache, table, table_path, config, address)
+    plan = probed[probed["shard"].notna()]
+    done = {shard for shard in plan["shard"].unique() if (cache / C.BUCKETS_DIR / f"{shard}.arrow").is_file()}
+    pending = plan[~plan["shard"].isin(done)]
+    _log(f"{len(plan)} rows to encode in {plan['shard'].nunique()} shards; {len(done)} shards already done")
+    if len(pending):
+        _encode(pending, cache, config, address)
+    return _finish(cache, probed, parts)
+
+
+def _input_digest(table: pd.DataFrame) -> str:
+    digest = hashlib.sha256()
+    for path, text in zip(table["path"].astype(str), table["text"].fillna("").astype(str), strict=True):
+        digest.update(f"{path}\0{text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def check_cache_matches(cache: Path, config: TrainConfig) -> None:
+    """Refuse a finished cache written under other settings than `config` (input aside)."""
+    manifest = json.loads((cache / C.MANIFEST).read_text())
+    differences = [
+        d for d in _differences(manifest["fingerprint"], fingerprint_parts(config)) if not d.startswith("input")
+    ]
+    if differences:
+        raise ConfigError(f"{cache} was made with other settings than this config: {'; '.join(differences)}")
+
+
+def _check_fingerprint(cache: Path, parts: dict[str, str]) -> None:
+    for name in (C.MANIFEST, f"{C.WORK_DIR}/fingerprint.json"):
+        path = cache / name
+        if not path.is_file():
+            continue
+        found = json.loads(path.read_text())
+        old = found.get("fingerprint", found) if name == C.MANIFEST else found
+        differences = _differences(old, parts)
+        if differences:
+            raise ConfigError(
+                f"{cache} holds a cache made with other settings; it is never mixed with new rows. "
+                f"What differs: {'; '.join(differences)}. Use another --cache-dir, or remove {cache}"
+            )
+
+
+def _init_ray(address: str | None) -> float:
+    import ray
+
+    if not ray.is_initialized():
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # Locally, logical CPUs only gate scheduling: give every stage a slot on a small machine.
+            ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _load_or_probe(cache: Path, table: pd.DataFrame, table_path: Path, config: TrainConfig, address) -> pd.DataFrame:
+    """Every input row with probe metadata, bucket or drop reason, and shard (probe.arrow)."""
+    probe_path = cache / C.PROBE
+    if probe_path.is_file():
+        return C.read_table(probe_path).to_pandas()
+    frame = pd.DataFrame(
+        {
+            C.PATH: table["path"].astype(str),
+            C.TEXT: table["text"].fillna("").astype(str),
+        }
+    )
+    frame["file"] = [str(p) for p in resolve_paths(frame[C.PATH], table_path, config.root)]
+    frame[C.ID] = [sample_id(p, t) for p, t in zip(frame[C.PATH], frame[C.TEXT], strict=True)]
+    for column in REJECT_COLUMNS:
+        frame[column] = None
+    _validate(frame)
+    metadata = {"num_frames": "src_num_frames", "height": "src_height", "width": "src_width", "fps": "src_fps"}
+    for source, target in metadata.items():
+        values = pd.to_numeric(table[source], errors="coerce") if source in table.columns else np.nan
+        frame[target] = values
+    known = frame[["src_num_frames", "src_height", "src_width"]].notna().all(axis=1)
+    frame["src_fps"] = frame["src_fps"].fillna(0.0)
+    to_probe = frame[~known & frame["reject_stage"].isna()]
+    if len(to_probe):
+        _init_ray(address)
+        import ray
+
+        res = config.preprocess.probe
+        ready = to_probe.assign(src_num_frames=0, src_height=0, src_width=0, src_fps=0.0)
+        probed = ray.data.from_pandas(ready).map_batches(
+            probe_batch, batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
+            num_cpus=res.num_cpus,
+        ).to_pandas()  # fmt: skip
+        frame = frame.set_index(C.ID)
+        frame.update(probed.set_index(C.ID)[["src_num_frames", "src_height", "src_width", "src_fps", *REJECT_COLUMNS]])
+        frame = frame.reset_index()
+    frame[["src_num_frames", "src_height", "src_width"]] = (
+        frame[["src_num_frames", "src_height", "src_width"]].fillna(0).astype("int64")
+    )
+    _assign(frame, config)
+    C.write_table_atomic(pa.Table.from_pandas(frame.drop(columns=["file"]), preserve_index=False), cache / C.PROBE)
+    return frame.drop(columns=["file"])
+
+
+def _validate(frame: pd.DataFrame) -> None:
+    """Rows that cannot be used whatever their file holds: no path, no caption, bad text, duplicates."""
+    checks = [
+        (frame[C.PATH].str.strip() == "", "empty path"),
+        (frame[C.TEXT].str.strip() == "", "empty caption"),
+        (frame[C.TEXT].str.contains("\ufffd", regex=False), "undecodable text (not UTF-8)"),
+        (frame[C.ID].duplicated(), "duplicate row (same path and caption)"),
+    ]
+    for mask, reason in checks:
+        fresh = mask & frame["reject_stage"].isna()
+        frame.loc[fresh, list(REJECT_COLUMNS)] = [VALIDATE, reason, ""]
+
+
+def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
+    """Bucket every probed row; plan shards: per bucket, rows sorted by id, rows_per_shard each."""
+    for column in ("bucket", C.RESOLUTION, C.ASPECT, "shard"):
+        frame[column] = None
+    for column in (C.NUM_FRAMES, C.HEIGHT, C.WIDTH):
+        frame[column] = 0
+    ok = np.flatnonzero(frame["reject_stage"].isna().to_numpy())
+    assignments = assign_buckets(
+        bucket_config_of(config),
+        frame["src_num_frames"].to_numpy()[ok],
+        frame["src_height"].to_numpy()[ok],
+        frame["src_width"].to_numpy()[ok],
+        sample_keys(frame[C.ID].iloc[ok]),
+        config.seed,
+    )
+    for slot, row in enumerate(ok):
+        bucket = assignments.bucket(slot)
+        if isinstance(bucket, Bucket):
+            frame.loc[row, ["bucket", C.RESOLUTION, C.ASPECT, C.NUM_FRAMES, C.HEIGHT, C.WIDTH]] = [
+                bucket.name,
+                bucket.resolution,
+                bucket.aspect,
+                bucket.num_frames,
+                bucket.height,
+                bucket.width,
+            ]
+        else:
+            frame.loc[row, list(REJECT_COLUMNS)] = [BUCKET, bucket.description, ""]
+    rows_per_shard = config.preprocess.rows_per_shard
+    for name, group in frame[frame["bucket"].notna()].groupby("bucket"):
+        ordered = group.sort_values(C.ID).index
+        frame.loc[ordered, "shard"] = [f"{name}/part-{i // rows_per_shard:05d}" for i in range(len(ordered))]
+
+
+def _encode(pending: pd.DataFrame, cache: Path, config: TrainConfig, address: str | None) -> None:
+    import ray
+
+    cluster_gpus = _init_ray(address)
+    rows = pending.copy()
+    rows["file"] = [str(p) for p in resolve_paths(rows[C.PATH], Path(config.data_path), config.root)]
+    rows = rows.sort_values(["shard", C.ID])  # shards complete one after another
+    expected = rows.groupby("shard").size().to_dict()
+    # One block per shard: blocks stream through the stages and shards complete in order.
+    dataset = ray.data.from_pandas([group for _, group in rows.groupby("shard", sort=True)])
+    buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
+    counts: Counter[str] = Counter()
+    started = time.perf_counter()
+    for batch in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
+        for shard, part in batch.groupby("shard"):
+            buffers[shard].append(part)
+            counts[shard] += len(part)
+            if counts[shard] == expected[shard]:
+                _write_shard(cache, shard, pd.concat(buffers.pop(shard)), config.frame_interval)
+    _log(f"encoded {len(rows)} rows in {time.perf_counter() - started:.1f} s")
+
+
+def _write_shard(cache: Path, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
+    """Rejects of the shard first (in the work folder), then the shard itself: both atomic."""
+    rows = rows.sort_values(C.ID)
+    failed = rows[rows["reject_stage"].notna()]
+    kept = rows[rows["reject_stage"].isna()]
+    rejects = pa.Table.from_pandas(
+        failed.rename(columns=dict(zip(REJECT_COLUMNS, (C.STAGE, C.REASON, C.DETAIL), strict=True)))[
+            list(C.REJECT_SCHEMA.names)
+        ],
+        schema=C.REJECT_SCHEMA,
+        preserve_index=False,
+    )
+    C.write_table_atomic(rejects, cache / C.WORK_DIR / "rejects" / f"{shard.replace('/', '__')}.arrow")
+    kept = kept.assign(**{C.FPS: kept["src_fps"] / frame_interval})
+    table = pa.Table.from_pandas(kept[list(C.SAMPLE_SCHEMA.names)], schema=C.SAMPLE_SCHEMA, preserve_index=False)
+    C.write_table_atomic(table, cache / C.BUCKETS_DIR / f"{shard}.arrow")
+
+
+def _finish(cache: Path, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
+    """rejects.arrow from the probe table and the shards' rejects, then the manifest, last."""
+    early = probed[probed["reject_stage"].notna()]
+    tables = [
+        pa.Table.from_pandas(
+            early.rename(columns=dict(zip(REJECT_COLUMNS, (C.STAGE, C.REASON, C.DETAIL), strict=True)))[
+                list(C.REJECT_SCHEMA.names)
+            ].fillna({C.DETAIL: ""}),
+            schema=C.REJECT_SCHEMA,
+            preserve_index=False,
+        )
+    ]
+    tables += [C.read_table(path) for path in sorted((cache / C.WORK_DIR / "rejects").glob("*.arrow"))]
+    rejects = pa.concat_tables(tables).sort_by(C.ID)
+    C.write_table_atomic(rejects, cache / C.REJECTS)
+
+    kept: Counter[str] = Counter()
+    for shard in sorted((cache / C.BUCKETS_DIR).glob("*/part-*.arrow")):
+        kept[shard.parent.name] += C.read_table(shard).num_rows
+    stages = rejects.column(C.STAGE).to_pylist()
+    reasons = rejects.column(C.REASON).to_pylist()
+    dropped = Counter(r for s, r in zip(stages, reasons, strict=True) if s == BUCKET)
+    rejected = Counter(f"{s}: {r}" for s, r in zip(stages, reasons, strict=True) if s != BUCKET)
+    manifest = {
+        "format_version": C.FORMAT_VERSION,
+        "fingerprint": parts,
+        "buckets": {name: count for name, count in sorted(kept.items()) if count},
+        "rows_in": len(probed),
+        "kept": sum(kept.values()),
+        "rejected": sum(rejected.values()),
+        "dropped": sum(dropped.values()),
+        "dropped_by_reason": dict(sorted(dropped.items())),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+    }
+    if manifest["rows_in"] != manifest["kept"] + manifest["rejected"] + manifest["dropped"]:
+        raise RuntimeError(f"row accounting is off: {manifest}")  # a bug, never a user error
+    C.write_json_atomic(manifest, cache / C.MANIFEST)
+    shutil.rmtree(cache / C.WORK_DIR, ignore_errors=True)
+    return _summary_from_manifest(manifest)
+
+
+def _summary_from_manifest(manifest: dict[str, Any], up_to_date: bool = False) -> Summary:
+    return Summary(
+        rows_in=manifest["rows_in"],
+        kept=dict(manifest["buckets"]),
+        dropped=dict(manifest["dropped_by_reason"]),
+        rejected=dict(manifest["rejected_by_reason"]),
+        up_to_date=up_to_date,
+    )

@@ -1,0 +1,217 @@
+"""`sora preprocess` on the demo data with the debug models: the cache, bad rows, resume, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import cache as C
+from pipelines.media import frame_indices
+from pipelines.preprocess import DecodeFrames, probe_batch
+from tests.conftest import DEMO_NUM
+
+ROOT = Path(__file__).resolve().parent.parent
+SORA = str(Path(sys.executable).parent / "sora")
+
+
+def write_config(folder: Path, models: dict[str, Path], **changes: str) -> Path:
+    """configs/debug/train.py pointed at the session's debug models, with small shards."""
+    text = (ROOT / "configs/debug/train.py").read_text()
+    text = text.replace('"demo/models/vae"', f'"{models["vae"]}"').replace(
+        '"demo/models/t5"', f'"{models["text_encoder"]}"'
+    )
+    text = text.replace("rows_per_shard=64", "rows_per_shard=2")
+    for old, new in changes.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = folder / "train.py"
+    path.write_text(text)
+    return path
+
+
+def run_sora(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    return subprocess.run([SORA, *args], env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory, demo_csv: Path, debug_models) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("clean")
+    config = write_config(folder, debug_models)
+    result = run_sora("preprocess", str(demo_csv), "--config", str(config), "--cache-dir", str(folder / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"rows in: {DEMO_NUM + 3}   kept: {DEMO_NUM}   dropped by bucketing: 0   rejected: 3" in result.stdout
+    return folder / "cache", config
+
+
+def test_manifest_accounts_for_every_row(clean_cache):
+    manifest = json.loads((clean_cache[0] / C.MANIFEST).read_text())
+    assert manifest["rows_in"] == manifest["kept"] + manifest["rejected"] + manifest["dropped"] == DEMO_NUM + 3
+    assert sum(manifest["buckets"].values()) == manifest["kept"] == DEMO_NUM
+    assert not (clean_cache[0] / C.WORK_DIR).exists()
+    assert C.Cache(clean_cache[0]).probe_table().num_rows == DEMO_NUM + 3
+
+
+def test_broken_files_are_rejected_with_their_reason(clean_cache):
+    rejects = C.Cache(clean_cache[0]).rejects().to_pandas().set_index(C.PATH)
+    assert rejects.loc["broken_missing.mp4", C.REASON] == "file not found"
+    assert rejects.loc["broken_truncated.mp4", C.REASON] == "not a readable video"
+    assert rejects.loc["broken_not_a_video.mp4", C.REASON] == "not a readable video"
+    assert set(rejects[C.STAGE]) == {"probe"}
+
+
+def test_shards_decode_to_the_bucket_shapes(clean_cache, debug_models):
+    from sora_model.text_encoder import T5Encoder
+
+    tokenizer = T5Encoder.from_pretrained(str(debug_models["text_encoder"]), 32).tokenizer
+    cache = C.Cache(clean_cache[0])
+    seen = 0
+    for bucket in cache.buckets():
+        _resolution, frames, _ = bucket.split("-")
+        t = int(frames.removesuffix("f"))
+        for sample in cache.iter_samples(bucket):
+            columns = cache.table(bucket).select([C.ID, C.HEIGHT, C.WIDTH, C.NUM_TOKENS]).to_pylist()
+            row = next(row for row in columns if row[C.ID] == sample.id)
+            height, width = row[C.HEIGHT], row[C.WIDTH]
+            channels, stored, h, w = sample.latent_mean.shape
+            assert (channels, h, w) == (4, height // 8, width // 8), bucket
+            assert t <= stored <= 2 * t, (bucket, stored)  # up to cache_frames_factor x T
+            assert sample.latent_logvar.shape == sample.latent_mean.shape
+            assert np.isfinite(sample.latent_mean.numpy()).all()
+            # Real tokens only: as many rows as the caption has tokens (with </s>).
+            assert sample.text_embedding.shape == (len(tokenizer(sample.text).input_ids), 64)
+            assert row[C.NUM_TOKENS] == sample.text_embedding.shape[0]
+            seen += 1
+    assert seen == DEMO_NUM
+
+
+def test_rerun_of_a_finished_cache_does_nothing(clean_cache, demo_csv):
+    cache, config = clean_cache
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*.arrow")}
+    result = run_sora("preprocess", str(demo_csv), "--config", str(config), "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "up to date" in result.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in cache.rglob("*.arrow")}
+
+
+def test_other_settings_are_refused_saying_what_differs(clean_cache, demo_csv, debug_models, tmp_path):
+    cache, _ = clean_cache
+    other = write_config(tmp_path, debug_models, **{"frame_interval = 1": "frame_interval = 2"})
+    result = run_sora("preprocess", str(demo_csv), "--config", str(other), "--cache-dir", str(cache))
+    assert result.returncode == 2
+    assert "never mixed with new rows" in result.stderr and "frame_interval: '1' -> '2'" in result.stderr
+    report = run_sora("bucket-report", str(cache), "--config", str(other))
+    assert report.returncode == 2 and "frame_interval" in report.stderr
+
+
+def test_bucket_report_of_the_cache_matches_the_csv(clean_cache, demo_csv):
+    cache, config = clean_cache
+    from_cache = run_sora("bucket-report", str(cache), "--config", str(config), "--json")
+    from_csv = run_sora("bucket-report", str(demo_csv), "--config", str(config), "--json")
+    assert from_cache.returncode == 0 and from_csv.returncode == 0, from_cache.stderr + from_csv.stderr
+    cached, planned = json.loads(from_cache.stdout), json.loads(from_csv.stdout)
+    assert cached["buckets"] == planned["buckets"]
+    assert cached["kept"] == planned["kept"] == DEMO_NUM
+
+
+def test_killed_run_resumes_to_the_same_cache(clean_cache, demo_csv, tmp_path):
+    clean, config = clean_cache
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [SORA, "preprocess", str(demo_csv), "--config", str(config), "--cache-dir", str(cache)]
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not list((cache / C.BUCKETS_DIR).glob("*/part-*.arrow")) and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before any shard was written"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # kill -9 the driver (and its local Ray)
+    process.wait()
+    assert not (cache / C.MANIFEST).exists(), "killed too late to test a resume"
+
+    result = run_sora(*args[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shards already done" in result.stderr
+    for name in (C.PROBE, C.REJECTS):
+        assert C.read_table(cache / name).equals(C.read_table(clean / name)), name
+    ours = sorted(p.relative_to(cache) for p in (cache / C.BUCKETS_DIR).rglob("part-*.arrow"))
+    theirs = sorted(p.relative_to(clean) for p in (clean / C.BUCKETS_DIR).rglob("part-*.arrow"))
+    assert ours == theirs
+    for shard in ours:
+        assert C.read_table(cache / shard).equals(C.read_table(clean / shard)), shard
+    assert json.loads((cache / C.MANIFEST).read_text()) == json.loads((clean / C.MANIFEST).read_text())
+
+
+def test_missing_column_fails_before_any_work(tmp_path, debug_models):
+    table = tmp_path / "data.csv"
+    table.write_text("file,text\na.mp4,x\n")
+    result = run_sora("preprocess", str(table), "--config", str(write_config(tmp_path, debug_models)),
+                      "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert result.returncode == 2
+    assert "missing required column 'path'" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------- stages on hand-made batches
+
+
+def test_probe_stage_turns_errors_into_rejects(demo_csv):
+    folder = demo_csv.parent
+    batch = pd.DataFrame(
+        {
+            "file": [str(folder / "clip_000.mp4"), str(folder / "nope.mp4"), str(folder / "broken_not_a_video.mp4")],
+            "src_num_frames": 0,
+            "src_height": 0,
+            "src_width": 0,
+            "src_fps": 0.0,
+            "reject_stage": None,
+            "reject_reason": None,
+            "reject_detail": None,
+        }
+    )
+    out = probe_batch(batch)
+    assert out["src_num_frames"].iat[0] > 0 and out["reject_stage"].isna().iat[0]
+    assert out["reject_reason"].tolist()[1:] == ["file not found", "not a readable video"]
+
+
+def test_decode_stage_rejects_a_file_without_the_frames(demo_csv):
+    folder = demo_csv.parent
+    batch = pd.DataFrame(
+        {
+            "file": [str(folder / "clip_000.mp4"), str(folder / "broken_truncated.mp4")],
+            "src_num_frames": [12, 24],
+            "num_frames": [8, 8],
+            "height": [144, 144],
+            "width": [256, 256],
+            "reject_stage": None,
+            "reject_reason": None,
+            "reject_detail": None,
+        }
+    )
+    out = DecodeFrames(frame_interval=1, frames_factor=2.0)(batch)
+    assert out["frames_shape"].iat[0] == [3, 12, 144, 256]
+    assert out["reject_stage"].tolist() == [None, "decode"]
+
+
+@pytest.mark.parametrize(
+    ("src", "t", "interval", "factor", "expected"),
+    [
+        (100, 16, 1, 2.0, list(range(34, 66))),  # 32 frames, centred
+        (100, 16, 3, 2.0, [3 * i + 3 * 1 for i in range(32)]),  # 34 strided frames, 32 kept
+        (20, 16, 1, 2.0, list(range(20))),  # all there is
+        (9, 1, 1, 2.0, [4]),  # T = 1 of a video: the middle frame
+        (1, 1, 1, 2.0, [0]),
+    ],
+)
+def test_frame_indices(src, t, interval, factor, expected):
+    assert frame_indices(src, t, interval, factor).tolist() == expected
