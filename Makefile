@@ -51,13 +51,15 @@ demo: setup
 	$(BIN)/sora debug-models $(DEMO_DIR)/models
 	$(BIN)/sora config configs/debug/train.py > $(DEMO_DIR)/train.resolved.py
 	$(BIN)/sora config configs/debug/inference.py > $(DEMO_DIR)/inference.resolved.py
-	$(BIN)/sora bucket-report $(DEMO_DIR)/data/data.csv --config configs/debug/train.py --plot $(DEMO_DIR)/buckets.png
+	$(BIN)/sora preprocess $(DEMO_DIR)/data/data.csv --config configs/debug/train.py --cache-dir $(DEMO_DIR)/cache
+	$(BIN)/sora bucket-report $(DEMO_DIR)/cache --config configs/debug/train.py --plot $(DEMO_DIR)/buckets.png
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
 	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
 	@echo "resolved configs: $(DEMO_DIR)/train.resolved.py, $(DEMO_DIR)/inference.resolved.py"
+	@echo "cache:            $(DEMO_DIR)/cache (manifest.json, buckets/, rejects.arrow, probe.arrow)"
 	@echo "bucket report:    above, and drawn in $(DEMO_DIR)/buckets.png"
-	@echo "next steps (preprocess, train, sample) are not implemented yet"
+	@echo "next steps (train, sample) are not implemented yet"
 
 lint: setup
 	$(BIN)/ruff check .

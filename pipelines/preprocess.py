@@ -96,26 +96,23 @@ def _differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
 
 def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
     """Probe stage: frame count, displayed size, fps per row; failures become rejects."""
-    batch = batch.copy()
-    for column in ("src_num_frames", "src_height", "src_width"):
-        batch[column] = batch[column].astype("int64")
-    batch["src_fps"] = batch["src_fps"].astype("float64")
-    for row in range(len(batch)):
+    count = len(batch)
+    frames, heights, widths, fps = [0] * count, [0] * count, [0] * count, [0.0] * count
+    stages, reasons, details = (batch[column].tolist() for column in REJECT_COLUMNS)
+    for row, file in enumerate(batch["file"].tolist()):
         try:
-            found = probe(batch["file"].iat[row])
+            found = probe(file)
         except ProbeError as error:
-            batch.loc[batch.index[row], list(REJECT_COLUMNS)] = [PROBE, error.reason, error.detail[:500]]
+            stages[row], reasons[row], details[row] = PROBE, error.reason, error.detail[:500]
             continue
-        except Exception as error:
-            batch.loc[batch.index[row], list(REJECT_COLUMNS)] = [PROBE, "probe failed", repr(error)[:500]]
+        except Exception as error:  # one bad file must not drop the block
+            stages[row], reasons[row], details[row] = PROBE, "probe failed", repr(error)[:500]
             continue
-        batch.loc[batch.index[row], ["src_num_frames", "src_height", "src_width", "src_fps"]] = [
-            found.num_frames,
-            found.height,
-            found.width,
-            found.fps,
-        ]
-    return batch
+        frames[row], heights[row], widths[row], fps[row] = found.num_frames, found.height, found.width, found.fps
+    return batch.assign(
+        src_num_frames=frames, src_height=heights, src_width=widths, src_fps=fps,
+        reject_stage=stages, reject_reason=reasons, reject_detail=details,
+    )  # fmt: skip
 
 
 class DecodeFrames:
@@ -175,6 +172,7 @@ class VaeEncode:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         means, logvars, shapes, dtypes = [], [], [], []
+        started = time.perf_counter()
         for i, row in enumerate(batch.itertuples(index=False)):
             if isinstance(row.reject_stage, str):
                 means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
@@ -192,6 +190,7 @@ class VaeEncode:
                 continue
             means.append(mean_bytes), logvars.append(logvar_bytes), shapes.append(shape), dtypes.append(dtype)
         batch = batch.drop(columns=["frames", "frames_shape"])
+        batch["vae_span"] = [(started, time.perf_counter())] * len(batch)  # for the run's summary
         batch[C.LATENT_MEAN], batch[C.LATENT_LOGVAR] = means, logvars
         batch[C.LATENT_SHAPE], batch[C.LATENT_DTYPE] = shapes, dtypes
         return batch
@@ -219,6 +218,7 @@ class TextEncode:
         count = len(batch)
         embeddings, shapes, dtypes, tokens = [b""] * count, [[]] * count, [""] * count, [0] * count
         rows = [i for i in range(count) if not isinstance(batch["reject_stage"].iat[i], str)]
+        started = time.perf_counter()
         if rows:
             try:
                 states, mask = self.encoder.encode([batch[C.TEXT].iat[i] for i in rows])  # (B, L, D), (B, L)
@@ -230,6 +230,7 @@ class TextEncode:
                 for i in rows:
                     batch.loc[batch.index[i], list(REJECT_COLUMNS)] = [ENCODE, "T5 failed", repr(error)[:500]]
         batch = batch.copy()
+        batch["text_span"] = [(started, time.perf_counter())] * count
         batch[C.TEXT_EMB], batch[C.TEXT_SHAPE], batch[C.TEXT_DTYPE], batch[C.NUM_TOKENS] = (
             embeddings,
             shapes,
@@ -292,6 +293,12 @@ class Summary:
     dropped: dict[str, int] = field(default_factory=dict)  # bucketing reason -> rows
     rejected: dict[str, int] = field(default_factory=dict)  # "stage: reason" -> rows
     up_to_date: bool = False
+    # This run's encoding: wall time from the first encoded batch to the last, and time in the models.
+    encoded_rows: int = 0
+    encode_wall_seconds: float = 0.0
+    vae_window_seconds: float = 0.0  # the VAE's first call to its last
+    vae_seconds: float = 0.0
+    text_seconds: float = 0.0
 
     def format(self) -> str:
         lines = [
@@ -329,9 +336,13 @@ def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None =
     done = {shard for shard in plan["shard"].unique() if (cache / C.BUCKETS_DIR / f"{shard}.arrow").is_file()}
     pending = plan[~plan["shard"].isin(done)]
     _log(f"{len(plan)} rows to encode in {plan['shard'].nunique()} shards; {len(done)} shards already done")
+    timing: dict[str, float] = {}
     if len(pending):
-        _encode(pending, cache, config, address)
-    return _finish(cache, probed, parts)
+        timing = _encode(pending, cache, config, address)
+    summary = _finish(cache, probed, parts)
+    for name, value in timing.items():
+        setattr(summary, name, value)
+    return summary
 
 
 def _input_digest(table: pd.DataFrame) -> str:
@@ -407,7 +418,8 @@ def _load_or_probe(cache: Path, table: pd.DataFrame, table_path: Path, config: T
 
         res = config.preprocess.probe
         ready = to_probe.assign(src_num_frames=0, src_height=0, src_width=0, src_fps=0.0)
-        probed = ray.data.from_pandas(ready).map_batches(
+        chunks = [ready.iloc[i : i + res.batch_size] for i in range(0, len(ready), res.batch_size)]
+        probed = ray.data.from_pandas(chunks).map_batches(
             probe_batch, batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
             num_cpus=res.num_cpus,
         ).to_pandas()  # fmt: skip
@@ -469,7 +481,7 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
         frame.loc[ordered, "shard"] = [f"{name}/part-{i // rows_per_shard:05d}" for i in range(len(ordered))]
 
 
-def _encode(pending: pd.DataFrame, cache: Path, config: TrainConfig, address: str | None) -> None:
+def _encode(pending: pd.DataFrame, cache: Path, config: TrainConfig, address: str | None) -> dict[str, float]:
     import ray
 
     cluster_gpus = _init_ray(address)
@@ -482,13 +494,27 @@ def _encode(pending: pd.DataFrame, cache: Path, config: TrainConfig, address: st
     buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
     counts: Counter[str] = Counter()
     started = time.perf_counter()
+    spans: dict[str, set[tuple[float, float]]] = {"vae": set(), "text": set()}
     for batch in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
+        spans["vae"].update(map(tuple, batch["vae_span"]))
+        spans["text"].update(map(tuple, batch["text_span"]))
         for shard, part in batch.groupby("shard"):
             buffers[shard].append(part)
             counts[shard] += len(part)
             if counts[shard] == expected[shard]:
                 _write_shard(cache, shard, pd.concat(buffers.pop(shard)), config.frame_interval)
-    _log(f"encoded {len(rows)} rows in {time.perf_counter() - started:.1f} s")
+    total = time.perf_counter() - started
+    busy = {name: sum(end - start for start, end in found) for name, found in spans.items()}
+    # Steady state: from the VAE's first call to its last, how much of the time it was computing.
+    vae_window = max(end for _, end in spans["vae"]) - min(start for start, _ in spans["vae"]) if spans["vae"] else 0.0
+    _log(f"encoded {len(rows)} rows in {total:.1f} s; model time: VAE {busy['vae']:.1f} s, T5 {busy['text']:.1f} s")
+    return {
+        "encoded_rows": len(rows),
+        "encode_wall_seconds": total,
+        "vae_window_seconds": vae_window,
+        "vae_seconds": busy["vae"],
+        "text_seconds": busy["text"],
+    }
 
 
 def _write_shard(cache: Path, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
