@@ -20,10 +20,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise ConfigError(f"input table not found: {path}")
     try:
-        if path.suffix.lower() == ".parquet":
-            table = pd.read_parquet(path)
-        else:
-            table = pd.read_csv(path, dtype={"path": str, "text": str}, keep_default_na=False, engine="pyarrow")
+        table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else _read_csv(path)
     except Exception as error:  # pandas and pyarrow raise many types for a malformed file
         raise ConfigError(f"cannot read {path}: {error}") from None
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
@@ -33,6 +30,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
             f"(found: {', '.join(map(str, table.columns))})"
         )
     return table
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """pyarrow's fast reader; a file with bytes that are not UTF-8 is read again with those bytes
+    replaced (U+FFFD), so the rows holding them can be rejected one by one, not the whole file."""
+    options = {"dtype": {"path": str, "text": str}, "keep_default_na": False}
+    try:
+        return pd.read_csv(path, engine="pyarrow", **options)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        if "UTF8" not in str(error) and "utf-8" not in str(error):
+            raise
+        return pd.read_csv(path, engine="c", encoding_errors="replace", **options)
 
 
 def resolve_paths(paths: pd.Series, table_path: str | Path, root: str | None) -> list[Path]:

@@ -60,7 +60,9 @@ def _read_frames_pyav(path: Path, indices: np.ndarray) -> np.ndarray:
             stream = container.streams.video[0]
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
-                    frames[index] = frame.to_ndarray(format="rgb24")
+                    # Shown upright as decord shows it: FFmpeg's rotation is counterclockwise degrees.
+                    turns = round(frame.rotation / 90) % 4
+                    frames[index] = np.rot90(frame.to_ndarray(format="rgb24"), turns)
                 if index >= max(wanted):
                     break
     except (av.FFmpegError, IndexError) as error:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import decord
@@ -71,12 +75,73 @@ def _probe_pyav(path: Path) -> Probe:
         if frames <= 0:  # some containers (mkv, webm) do not record it: count packets
             frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
         fps = float(stream.average_rate or stream.guessed_rate or 0)
-        rotation = int(float(stream.metadata.get("rotate", 0) or 0)) % 180
-    if rotation == 90:
+    if quarter_turns(path) % 2:  # shown on its side: displayed width and height swap
         width, height = height, width
     if frames <= 0 or width <= 0 or height <= 0:
         raise ValueError(f"no frames or no size in the container header ({frames} frames, {width}x{height})")
     return Probe(frames, height, width, fps)
+
+
+# ISO media files (mp4, mov) keep a video's display rotation in the track header ("tkhd")
+# matrix. Reading it costs a few seeks, where asking FFmpeg costs decoding a frame.
+ISO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".3gp"}
+_ISO_CONTAINERS = {b"moov", b"trak", b"mdia"}
+
+
+def quarter_turns(path: str | Path) -> int:
+    """Counterclockwise quarter turns to display a video upright (0 when unknown or none)."""
+    path = Path(path)
+    if path.suffix.lower() not in ISO_EXTENSIONS:
+        return 0
+    try:
+        with path.open("rb") as handle:
+            angle = _video_track_angle(handle, handle.seek(0, 2))
+    except (OSError, struct.error, IndexError):
+        return 0
+    return 0 if angle is None else round(-angle / 90) % 4
+
+
+def _boxes(handle: BinaryIO, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) of the ISO boxes between start and end."""
+    position = start
+    while position + 8 <= end:
+        handle.seek(position)
+        size, kind = struct.unpack(">I4s", handle.read(8))
+        header = 8
+        if size == 1:  # 64-bit size follows
+            size, header = struct.unpack(">Q", handle.read(8))[0], 16
+        elif size == 0:  # to the end of the enclosing box
+            size = end - position
+        if size < header:
+            return
+        yield kind, position + header, position + size
+        position += size
+
+
+def _video_track_angle(handle: BinaryIO, end: int) -> float | None:
+    """Angle in degrees of the first video track's tkhd matrix, or None."""
+    for kind, start, stop in _boxes(handle, 0, end):
+        if kind != b"moov":
+            continue
+        for track_kind, track_start, track_stop in _boxes(handle, start, stop):
+            if track_kind != b"trak":
+                continue
+            matrix, is_video = None, False
+            for box, box_start, box_stop in _boxes(handle, track_start, track_stop):
+                if box == b"tkhd":
+                    handle.seek(box_start)
+                    version = handle.read(1)[0]
+                    # version+flags (4), times/ids (20 or 32), reserved/layer/volume (16), then the matrix
+                    handle.seek(box_start + 4 + (32 if version == 1 else 20) + 16)
+                    matrix = struct.unpack(">9i", handle.read(36))
+                elif box == b"mdia":
+                    for inner, inner_start, _ in _boxes(handle, box_start, box_stop):
+                        if inner == b"hdlr":
+                            handle.seek(inner_start + 8)
+                            is_video = handle.read(4) == b"vide"
+            if is_video and matrix is not None:
+                return math.degrees(math.atan2(matrix[1], matrix[0]))
+    return None
 
 
 def _probe_decord(path: Path) -> Probe:

@@ -215,3 +215,27 @@ def test_decode_stage_rejects_a_file_without_the_frames(demo_csv):
 )
 def test_frame_indices(src, t, interval, factor, expected):
     assert frame_indices(src, t, interval, factor).tolist() == expected
+
+
+def test_validate_stage_rejects_rows_that_cannot_be_used(tmp_path):
+    from pipelines.dataset import read_table, sample_id
+    from pipelines.preprocess import REJECT_COLUMNS, _validate
+
+    table_path = tmp_path / "data.csv"
+    table_path.write_bytes(
+        b"path,text\nok.mp4,a red circle\nempty.mp4,\n,no path\nbad.mp4,caf\xe9 au lait\nok.mp4,a red circle\n"
+    )
+    table = read_table(table_path)  # the bad bytes do not stop the file from being read
+    frame = pd.DataFrame({C.PATH: table["path"], C.TEXT: table["text"]})
+    frame[C.ID] = [sample_id(p, t) for p, t in zip(frame[C.PATH], frame[C.TEXT], strict=True)]
+    for column in REJECT_COLUMNS:
+        frame[column] = None
+    _validate(frame)
+    assert frame["reject_reason"].tolist() == [
+        None,
+        "empty caption",
+        "empty path",
+        "undecodable text (not UTF-8)",
+        "duplicate row (same path and caption)",
+    ]
+    assert set(frame["reject_stage"].dropna()) == {"validate"}
