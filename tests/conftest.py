@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import av  # noqa: F401  before decord: decord's bundled FFmpeg libraries, loaded first, break PyAV's VP9 encoder
 import pytest
 
 # Nothing in the tests may touch the network.
