@@ -83,7 +83,10 @@ def preprocess(
     data: Annotated[Path, typer.Argument(metavar="DATA.csv", help="CSV (or Parquet) with path,text columns.")],
     config_path: ConfigArg,
     cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Cache folder (default: the config's cache_dir).")
+        str | None,
+        typer.Option(
+            "--cache-dir", help="Cache folder or URI (s3://, gs://, file://; default: the config's cache_dir)."
+        ),
     ] = None,
     address: AddressOpt = None,
 ) -> None:
@@ -93,7 +96,9 @@ def preprocess(
 
 @app.command("bucket-report")
 def bucket_report(
-    source: Annotated[Path, typer.Argument(help="A CSV, or a cache folder written by `sora preprocess`.")],
+    source: Annotated[
+        str, typer.Argument(help="A CSV/Parquet table, or a cache (folder or URI) from `sora preprocess`.")
+    ],
     config_path: ConfigArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the report to this PNG.")] = None,

@@ -106,7 +106,11 @@ def main() -> None:
                   f"of the wall time, pipeline overhead {max(0.0, 1 - busy):.0%}")  # fmt: skip
 
         cache = C.Cache(folder / "cache")
-        shard_bytes = sum(path.stat().st_size for bucket in cache.buckets() for path in cache.shards(bucket))
+        shard_bytes = sum(
+            cache.store.fs.get_file_info(cache.store.path(shard)).size
+            for bucket in cache.buckets()
+            for shard in cache.shards(bucket)
+        )
         tokens, latent_bytes, text_bytes, dim = [], 0, 0, 0
         for bucket in cache.buckets():
             table = cache.table(bucket)

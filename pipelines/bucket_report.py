@@ -72,7 +72,7 @@ def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
     from pipelines.preprocess import check_cache_matches
 
     cache = C.Cache(cache_dir)  # refuses an unfinished folder
-    check_cache_matches(cache.root, config)
+    check_cache_matches(cache.store, config)
     probed = cache.probe_table().to_pandas()
     rejects = cache.rejects().to_pandas()
     not_bucketing = rejects[rejects[C.STAGE] != "bucket"]
@@ -93,8 +93,8 @@ def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
 
 def bucket_report(source: str | Path, config: TrainConfig, as_json: bool, plot: str | Path | None) -> str:
     """The report of `source` (a CSV/Parquet table or a cache folder) as text or JSON; optionally a PNG."""
-    source = Path(source)
-    report = report_from_cache(source, config) if source.is_dir() else report_from_table(source, config)
+    is_cache = "://" in str(source) or Path(source).is_dir()
+    report = report_from_cache(source, config) if is_cache else report_from_table(source, config)
     if plot is not None:
         from pipelines.plots import plot_report  # matplotlib only when asked for
 

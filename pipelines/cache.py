@@ -15,6 +15,7 @@ a fresh posterior sample every step. Text embeddings hold the real tokens only.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Iterator
@@ -23,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import torch
+
+from pipelines.config import ConfigError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,28 +110,77 @@ def bytes_to_tensor(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape)
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write an Arrow IPC file under a temporary name and rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)
+class Store:
+    """Where a cache lives: a local folder, or a URI that pyarrow's filesystems understand
+    (`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file:///...`). Paths are relative to it.
+
+    Every file is written under a temporary name (a leading dot) and then moved into place,
+    so readers never see a partial file; on object stores the move is a copy, and the object
+    appears whole.
+    """
+
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        if "://" in self.location:
+            self.fs, self.root = pafs.FileSystem.from_uri(self.location)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(location).absolute())
+
+    def path(self, relative: str) -> str:
+        return f"{self.root.rstrip('/')}/{relative}" if relative else self.root
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
+
+    def is_empty(self) -> bool:
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.NotFound:
+            return True
+        return not self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+
+    def _write(self, relative: str, write) -> None:
+        final = self.path(relative)
+        folder, name = final.rsplit("/", 1)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{name}.{os.getpid()}.tmp"
+        with self.fs.open_output_stream(tmp) as sink:
+            write(sink)
+        self.fs.move(tmp, final)
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        def write(sink) -> None:
+            with ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+
+        self._write(relative, write)
+
+    def read_table(self, relative: str) -> pa.Table:
+        with self.fs.open_input_file(self.path(relative)) as source:
+            return ipc.open_file(source).read_all()
+
+    def write_json(self, relative: str, data: dict) -> None:
+        self._write(relative, lambda sink: sink.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
+
+    def read_json(self, relative: str) -> dict:
+        with self.fs.open_input_stream(self.path(relative)) as source:
+            return json.loads(source.read().decode())
+
+    def files(self, relative_dir: str, pattern: str = "*") -> list[str]:
+        """Relative paths of the files below a folder whose names match `pattern`, sorted."""
+        selector = pafs.FileSelector(self.path(relative_dir), recursive=True, allow_not_found=True)
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(
+            info.path.removeprefix(prefix)
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern)
+        )
+
+    def delete_dir(self, relative: str) -> None:
+        if self.fs.get_file_info(self.path(relative)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(relative))
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_table(path: Path) -> pa.Table:
-    with pa.memory_map(str(path)) as source:
-        return ipc.open_file(source).read_all()
-
-
-class CacheError(ValueError):
+class CacheError(ConfigError):
     """A folder that is not a complete cache, or one written for another config."""
 
 
@@ -148,39 +201,38 @@ class CachedSample:
 class Cache:
     """A finished cache: its manifest, its buckets, and rows as tensors."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        manifest = self.root / MANIFEST
-        if not manifest.is_file():
+    def __init__(self, location: str | Path) -> None:
+        self.store = Store(location)
+        if not self.store.exists(MANIFEST):
             raise CacheError(
-                f"{self.root} is not a finished cache (no {MANIFEST}); run `sora preprocess` to create or finish it"
+                f"{location} is not a finished cache (no {MANIFEST}); run `sora preprocess` to create or finish it"
             )
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        self.manifest: dict[str, Any] = self.store.read_json(MANIFEST)
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(
-                f"{manifest}: format version {self.manifest.get('format_version')}, expected {FORMAT_VERSION}"
-            )
+            found = self.manifest.get("format_version")
+            raise CacheError(f"{location}/{MANIFEST}: format version {found}, expected {FORMAT_VERSION}")
 
     def buckets(self) -> list[str]:
         """Bucket names (`<res>-<T>f-<ar>`) with at least one sample."""
         return sorted(self.manifest["buckets"])
 
-    def shards(self, bucket: str) -> list[Path]:
-        return sorted((self.root / BUCKETS_DIR / bucket).glob("part-*.arrow"))
+    def shards(self, bucket: str) -> list[str]:
+        """Shard files of a bucket, relative to the cache."""
+        return self.store.files(f"{BUCKETS_DIR}/{bucket}", "part-*.arrow")
 
     def table(self, bucket: str) -> pa.Table:
         """All rows of one bucket as one Arrow table."""
-        return pa.concat_tables([read_table(path) for path in self.shards(bucket)])
+        return pa.concat_tables([self.store.read_table(shard) for shard in self.shards(bucket)])
 
     def probe_table(self) -> pa.Table:
-        return read_table(self.root / PROBE)
+        return self.store.read_table(PROBE)
 
     def rejects(self) -> pa.Table:
-        return read_table(self.root / REJECTS)
+        return self.store.read_table(REJECTS)
 
     def iter_samples(self, bucket: str) -> Iterator[CachedSample]:
         for shard in self.shards(bucket):
-            for row in read_table(shard).to_pylist():
+            for row in self.store.read_table(shard).to_pylist():
                 yield sample_from_row(row, bucket)
 
 

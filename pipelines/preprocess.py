@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -41,6 +40,7 @@ from sora_model.loading import torch_dtype
 # Stages named in rejects.arrow.
 VALIDATE, PROBE, BUCKET, DECODE, ENCODE = "validate", "probe", "bucket", "decode", "encode"
 REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
+FINGERPRINT = f"{C.WORK_DIR}/fingerprint.json"  # what an unfinished run was started with
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -319,21 +319,22 @@ def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None =
     """Run (or resume) preprocessing of `config.data_path` into `cache_dir`."""
     if config.data_path is None:
         raise ConfigError("no input table: give DATA.csv (or set data_path in the config)")
-    cache = Path(cache_dir)
+    cache = C.Store(cache_dir)
     table_path = Path(config.data_path)
     table = read_table(table_path)  # fails here, before any work, on a missing column
     parts = fingerprint_parts(config)
     parts["input"] = _input_digest(table)
     _check_fingerprint(cache, parts)
-    if (cache / C.MANIFEST).is_file():
-        _log(f"{cache} is up to date with this config and input; nothing to do")
-        return _summary_from_manifest(json.loads((cache / C.MANIFEST).read_text()), up_to_date=True)
-    work = cache / C.WORK_DIR
-    C.write_json_atomic(parts, work / "fingerprint.json")
+    if cache.exists(C.MANIFEST):
+        _log(f"{cache.location} is up to date with this config and input; nothing to do")
+        return _summary_from_manifest(cache.read_json(C.MANIFEST), up_to_date=True)
+    if not cache.exists(FINGERPRINT) and not cache.is_empty():
+        raise ConfigError(f"{cache.location} exists and is not a cache; give an empty or new --cache-dir")
+    cache.write_json(FINGERPRINT, parts)
 
     probed = _load_or_probe(cache, table, table_path, config, address)
     plan = probed[probed["shard"].notna()]
-    done = {shard for shard in plan["shard"].unique() if (cache / C.BUCKETS_DIR / f"{shard}.arrow").is_file()}
+    done = {shard for shard in plan["shard"].unique() if cache.exists(f"{C.BUCKETS_DIR}/{shard}.arrow")}
     pending = plan[~plan["shard"].isin(done)]
     _log(f"{len(plan)} rows to encode in {plan['shard'].nunique()} shards; {len(done)} shards already done")
     timing: dict[str, float] = {}
@@ -352,28 +353,27 @@ def _input_digest(table: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_cache_matches(cache: Path, config: TrainConfig) -> None:
+def check_cache_matches(cache: C.Store, config: TrainConfig) -> None:
     """Refuse a finished cache written under other settings than `config` (input aside)."""
-    manifest = json.loads((cache / C.MANIFEST).read_text())
+    manifest = cache.read_json(C.MANIFEST)
     differences = [
         d for d in _differences(manifest["fingerprint"], fingerprint_parts(config)) if not d.startswith("input")
     ]
     if differences:
-        raise ConfigError(f"{cache} was made with other settings than this config: {'; '.join(differences)}")
+        raise ConfigError(f"{cache.location} was made with other settings than this config: {'; '.join(differences)}")
 
 
-def _check_fingerprint(cache: Path, parts: dict[str, str]) -> None:
-    for name in (C.MANIFEST, f"{C.WORK_DIR}/fingerprint.json"):
-        path = cache / name
-        if not path.is_file():
+def _check_fingerprint(cache: C.Store, parts: dict[str, str]) -> None:
+    for name in (C.MANIFEST, FINGERPRINT):
+        if not cache.exists(name):
             continue
-        found = json.loads(path.read_text())
+        found = cache.read_json(name)
         old = found.get("fingerprint", found) if name == C.MANIFEST else found
         differences = _differences(old, parts)
         if differences:
             raise ConfigError(
-                f"{cache} holds a cache made with other settings; it is never mixed with new rows. "
-                f"What differs: {'; '.join(differences)}. Use another --cache-dir, or remove {cache}"
+                f"{cache.location} holds a cache made with other settings; it is never mixed with new rows. "
+                f"What differs: {'; '.join(differences)}. Use another --cache-dir, or remove {cache.location}"
             )
 
 
@@ -389,11 +389,10 @@ def _init_ray(address: str | None) -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _load_or_probe(cache: Path, table: pd.DataFrame, table_path: Path, config: TrainConfig, address) -> pd.DataFrame:
+def _load_or_probe(cache: C.Store, table: pd.DataFrame, table_path: Path, config: TrainConfig, address) -> pd.DataFrame:
     """Every input row with probe metadata, bucket or drop reason, and shard (probe.arrow)."""
-    probe_path = cache / C.PROBE
-    if probe_path.is_file():
-        return C.read_table(probe_path).to_pandas()
+    if cache.exists(C.PROBE):
+        return cache.read_table(C.PROBE).to_pandas()
     frame = pd.DataFrame(
         {
             C.PATH: table["path"].astype(str),
@@ -430,7 +429,7 @@ def _load_or_probe(cache: Path, table: pd.DataFrame, table_path: Path, config: T
         frame[["src_num_frames", "src_height", "src_width"]].fillna(0).astype("int64")
     )
     _assign(frame, config)
-    C.write_table_atomic(pa.Table.from_pandas(frame.drop(columns=["file"]), preserve_index=False), cache / C.PROBE)
+    cache.write_table(C.PROBE, pa.Table.from_pandas(frame.drop(columns=["file"]), preserve_index=False))
     return frame.drop(columns=["file"])
 
 
@@ -481,7 +480,7 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
         frame.loc[ordered, "shard"] = [f"{name}/part-{i // rows_per_shard:05d}" for i in range(len(ordered))]
 
 
-def _encode(pending: pd.DataFrame, cache: Path, config: TrainConfig, address: str | None) -> dict[str, float]:
+def _encode(pending: pd.DataFrame, cache: C.Store, config: TrainConfig, address: str | None) -> dict[str, float]:
     import ray
 
     cluster_gpus = _init_ray(address)
@@ -517,7 +516,7 @@ def _encode(pending: pd.DataFrame, cache: Path, config: TrainConfig, address: st
     }
 
 
-def _write_shard(cache: Path, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
+def _write_shard(cache: C.Store, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
     """Rejects of the shard first (in the work folder), then the shard itself: both atomic."""
     rows = rows.sort_values(C.ID)
     failed = rows[rows["reject_stage"].notna()]
@@ -529,13 +528,13 @@ def _write_shard(cache: Path, shard: str, rows: pd.DataFrame, frame_interval: in
         schema=C.REJECT_SCHEMA,
         preserve_index=False,
     )
-    C.write_table_atomic(rejects, cache / C.WORK_DIR / "rejects" / f"{shard.replace('/', '__')}.arrow")
+    cache.write_table(f"{C.WORK_DIR}/rejects/{shard.replace('/', '__')}.arrow", rejects)
     kept = kept.assign(**{C.FPS: kept["src_fps"] / frame_interval})
     table = pa.Table.from_pandas(kept[list(C.SAMPLE_SCHEMA.names)], schema=C.SAMPLE_SCHEMA, preserve_index=False)
-    C.write_table_atomic(table, cache / C.BUCKETS_DIR / f"{shard}.arrow")
+    cache.write_table(f"{C.BUCKETS_DIR}/{shard}.arrow", table)
 
 
-def _finish(cache: Path, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
+def _finish(cache: C.Store, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
     """rejects.arrow from the probe table and the shards' rejects, then the manifest, last."""
     early = probed[probed["reject_stage"].notna()]
     tables = [
@@ -547,13 +546,13 @@ def _finish(cache: Path, probed: pd.DataFrame, parts: dict[str, str]) -> Summary
             preserve_index=False,
         )
     ]
-    tables += [C.read_table(path) for path in sorted((cache / C.WORK_DIR / "rejects").glob("*.arrow"))]
+    tables += [cache.read_table(path) for path in cache.files(f"{C.WORK_DIR}/rejects", "*.arrow")]
     rejects = pa.concat_tables(tables).sort_by(C.ID)
-    C.write_table_atomic(rejects, cache / C.REJECTS)
+    cache.write_table(C.REJECTS, rejects)
 
     kept: Counter[str] = Counter()
-    for shard in sorted((cache / C.BUCKETS_DIR).glob("*/part-*.arrow")):
-        kept[shard.parent.name] += C.read_table(shard).num_rows
+    for shard in cache.files(C.BUCKETS_DIR, "part-*.arrow"):
+        kept[shard.split("/")[-2]] += cache.read_table(shard).num_rows
     stages = rejects.column(C.STAGE).to_pylist()
     reasons = rejects.column(C.REASON).to_pylist()
     dropped = Counter(r for s, r in zip(stages, reasons, strict=True) if s == BUCKET)
@@ -571,8 +570,8 @@ def _finish(cache: Path, probed: pd.DataFrame, parts: dict[str, str]) -> Summary
     }
     if manifest["rows_in"] != manifest["kept"] + manifest["rejected"] + manifest["dropped"]:
         raise RuntimeError(f"row accounting is off: {manifest}")  # a bug, never a user error
-    C.write_json_atomic(manifest, cache / C.MANIFEST)
-    shutil.rmtree(cache / C.WORK_DIR, ignore_errors=True)
+    cache.write_json(C.MANIFEST, manifest)
+    cache.delete_dir(C.WORK_DIR)
     return _summary_from_manifest(manifest)
 
 

@@ -142,13 +142,14 @@ def test_killed_run_resumes_to_the_same_cache(clean_cache, demo_csv, tmp_path):
     result = run_sora(*args[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shards already done" in result.stderr
+    ours_store, clean_store = C.Store(cache), C.Store(clean)
     for name in (C.PROBE, C.REJECTS):
-        assert C.read_table(cache / name).equals(C.read_table(clean / name)), name
+        assert ours_store.read_table(name).equals(clean_store.read_table(name)), name
     ours = sorted(p.relative_to(cache) for p in (cache / C.BUCKETS_DIR).rglob("part-*.arrow"))
     theirs = sorted(p.relative_to(clean) for p in (clean / C.BUCKETS_DIR).rglob("part-*.arrow"))
     assert ours == theirs
     for shard in ours:
-        assert C.read_table(cache / shard).equals(C.read_table(clean / shard)), shard
+        assert ours_store.read_table(str(shard)).equals(clean_store.read_table(str(shard))), shard
     assert json.loads((cache / C.MANIFEST).read_text()) == json.loads((clean / C.MANIFEST).read_text())
 
 
@@ -239,3 +240,26 @@ def test_validate_stage_rejects_rows_that_cannot_be_used(tmp_path):
         "duplicate row (same path and caption)",
     ]
     assert set(frame["reject_stage"].dropna()) == {"validate"}
+
+
+def test_cache_at_a_uri(demo_csv, debug_models, tmp_path):
+    """A cache location may be a URI of pyarrow's filesystems (file:// here; s3://, gs://... alike)."""
+    uri = f"file://{tmp_path / 'uri-cache'}"
+    config = write_config(tmp_path, debug_models)
+    result = run_sora("preprocess", str(demo_csv), "--config", str(config), "--cache-dir", uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cache = C.Cache(uri)
+    assert sum(cache.manifest["buckets"].values()) == DEMO_NUM
+    assert sum(1 for bucket in cache.buckets() for _ in cache.iter_samples(bucket)) == DEMO_NUM
+    report = run_sora("bucket-report", uri, "--config", str(config), "--json")
+    assert report.returncode == 0 and json.loads(report.stdout)["kept"] == DEMO_NUM
+
+
+def test_a_folder_that_is_not_a_cache_is_left_alone(demo_csv, debug_models, tmp_path):
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    result = run_sora("preprocess", str(demo_csv), "--config", str(write_config(tmp_path, debug_models)),
+                      "--cache-dir", str(folder))  # fmt: skip
+    assert result.returncode == 2 and "is not a cache" in result.stderr
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
