@@ -484,6 +484,7 @@ def _encode(pending: pd.DataFrame, cache: C.Store, config: TrainConfig, address:
     import ray
 
     cluster_gpus = _init_ray(address)
+    _check_resources(config, ray.cluster_resources())
     rows = pending.copy()
     rows["file"] = [str(p) for p in resolve_paths(rows[C.PATH], Path(config.data_path), config.root)]
     rows = rows.sort_values(["shard", C.ID])  # shards complete one after another
@@ -514,6 +515,20 @@ def _encode(pending: pd.DataFrame, cache: C.Store, config: TrainConfig, address:
         "vae_seconds": busy["vae"],
         "text_seconds": busy["text"],
     }
+
+
+def _check_resources(config: TrainConfig, cluster: dict[str, float]) -> None:
+    """The model actors hold their CPUs for the whole run: without room for one decode task as
+    well, the pipeline would wait forever. Say so before starting."""
+    res = config.preprocess
+    needed = res.vae.concurrency * res.vae.num_cpus + res.text.concurrency * res.text.num_cpus + res.decode.num_cpus
+    available = cluster.get("CPU", 0.0)
+    if needed > available:
+        raise ConfigError(
+            f"the Ray cluster has {available:g} CPUs but the preprocess stages need {needed:g} "
+            "(vae and text actors plus one decode task); lower `num_cpus` or `concurrency` in the "
+            "config's preprocess = dict(...) section"
+        )
 
 
 def _write_shard(cache: C.Store, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
