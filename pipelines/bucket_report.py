@@ -79,7 +79,7 @@ def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
     rejected: dict[str, list[str]] = {}
     for row in not_bucketing.itertuples(index=False):
         rejected.setdefault(f"{row.stage}: {row.reason}", []).append(row.path)
-    rows = probed[~probed[C.ID].isin(set(not_bucketing[C.ID]))]
+    rows = probed[~probed[C.ROW].isin(set(not_bucketing[C.ROW]))]
     assignments = assign_buckets(
         bucket_config_of(config),
         rows["src_num_frames"].to_numpy(),

@@ -39,6 +39,7 @@ WORK_DIR = ".work"  # resumable state of an unfinished run; removed when the man
 
 # Column names (one place).
 ID = "id"
+ROW = "row"  # the row of the input table (0-based, header excluded)
 PATH = "path"
 TEXT = "text"
 RESOLUTION = "resolution"
@@ -89,8 +90,8 @@ SAMPLE_SCHEMA = pa.schema(
     ]
 )
 REJECT_SCHEMA = pa.schema(
-    [(ID, pa.string()), (PATH, pa.string()), (TEXT, pa.string()), (STAGE, pa.string()), (REASON, pa.string()),
-     (DETAIL, pa.string())]
+    [(ID, pa.string()), (ROW, pa.int64()), (PATH, pa.string()), (TEXT, pa.string()),
+     (STAGE, pa.string()), (REASON, pa.string()), (DETAIL, pa.string())]
 )  # fmt: skip
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -399,6 +399,7 @@ def _load_or_probe(cache: C.Store, table: pd.DataFrame, table_path: Path, config
             C.TEXT: table["text"].fillna("").astype(str),
         }
     )
+    frame[C.ROW] = np.arange(len(frame))  # the input row, for messages and for merging results back
     frame["file"] = [str(p) for p in resolve_paths(frame[C.PATH], table_path, config.root)]
     frame[C.ID] = [sample_id(p, t) for p, t in zip(frame[C.PATH], frame[C.TEXT], strict=True)]
     for column in REJECT_COLUMNS:
@@ -422,12 +423,14 @@ def _load_or_probe(cache: C.Store, table: pd.DataFrame, table_path: Path, config
             probe_batch, batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
             num_cpus=res.num_cpus,
         ).to_pandas()  # fmt: skip
-        frame = frame.set_index(C.ID)
-        frame.update(probed.set_index(C.ID)[["src_num_frames", "src_height", "src_width", "src_fps", *REJECT_COLUMNS]])
-        frame = frame.reset_index()
+        columns = ["src_num_frames", "src_height", "src_width", "src_fps", *REJECT_COLUMNS]
+        probed = probed.sort_values(C.ROW)
+        frame[columns] = frame[columns].astype(object)
+        frame.loc[probed[C.ROW].to_numpy(), columns] = probed[columns].to_numpy()
     frame[["src_num_frames", "src_height", "src_width"]] = (
         frame[["src_num_frames", "src_height", "src_width"]].fillna(0).astype("int64")
     )
+    frame["src_fps"] = frame["src_fps"].astype("float64")
     _assign(frame, config)
     cache.write_table(C.PROBE, pa.Table.from_pandas(frame.drop(columns=["file"]), preserve_index=False))
     return frame.drop(columns=["file"])
@@ -562,7 +565,7 @@ def _finish(cache: C.Store, probed: pd.DataFrame, parts: dict[str, str]) -> Summ
         )
     ]
     tables += [cache.read_table(path) for path in cache.files(f"{C.WORK_DIR}/rejects", "*.arrow")]
-    rejects = pa.concat_tables(tables).sort_by(C.ID)
+    rejects = pa.concat_tables(tables).sort_by(C.ROW)  # in the input's order
     cache.write_table(C.REJECTS, rejects)
 
     kept: Counter[str] = Counter()

@@ -246,10 +246,19 @@ def test_cache_at_a_uri(demo_csv, debug_models, tmp_path):
     """A cache location may be a URI of pyarrow's filesystems (file:// here; s3://, gs://... alike)."""
     uri = f"file://{tmp_path / 'uri-cache'}"
     config = write_config(tmp_path, debug_models)
-    result = run_sora("preprocess", str(demo_csv), "--config", str(config), "--cache-dir", uri)
+    # The demo rows plus a duplicate of the first row and a row without a caption.
+    lines = demo_csv.read_text().splitlines()
+    table = demo_csv.parent / "with_bad_rows.csv"
+    table.write_text("\n".join([*lines, lines[1], lines[2].split(",")[0] + ","]) + "\n")
+    result = run_sora("preprocess", str(table), "--config", str(config), "--cache-dir", uri)
     assert result.returncode == 0, result.stderr[-3000:]
     cache = C.Cache(uri)
     assert sum(cache.manifest["buckets"].values()) == DEMO_NUM
+    validate = [r for r in cache.rejects().to_pylist() if r[C.STAGE] == "validate"]
+    assert [(r[C.ROW], r[C.REASON]) for r in validate] == [
+        (DEMO_NUM + 3, "duplicate row (same path and caption)"),
+        (DEMO_NUM + 4, "empty caption"),
+    ]
     assert sum(1 for bucket in cache.buckets() for _ in cache.iter_samples(bucket)) == DEMO_NUM
     report = run_sora("bucket-report", uri, "--config", str(config), "--json")
     assert report.returncode == 0 and json.loads(report.stdout)["kept"] == DEMO_NUM
@@ -263,3 +272,11 @@ def test_a_folder_that_is_not_a_cache_is_left_alone(demo_csv, debug_models, tmp_
                       "--cache-dir", str(folder))  # fmt: skip
     assert result.returncode == 2 and "is not a cache" in result.stderr
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_rejects_name_the_input_row(clean_cache, demo_csv):
+    rejects = C.Cache(clean_cache[0]).rejects().to_pylist()
+    lines = demo_csv.read_text().splitlines()[1:]
+    assert [r[C.ROW] for r in rejects] == sorted(r[C.ROW] for r in rejects)
+    for reject in rejects:
+        assert lines[reject[C.ROW]].startswith(reject[C.PATH] + ",")
