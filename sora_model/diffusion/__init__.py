@@ -1,0 +1,74 @@
+"""Diffusion for STDiT: IDDPM (training and ancestral sampling) and classifier-free guidance."""
+
+from __future__ import annotations
+
+import torch
+
+from sora_model.diffusion.gaussian import GaussianDiffusion, ModelFn, VarianceType, space_timesteps
+
+__all__ = ["IDDPM", "GaussianDiffusion", "ModelFn", "VarianceType", "classifier_free_guidance", "space_timesteps"]
+
+
+def classifier_free_guidance(model: ModelFn, cfg_scale: float, cfg_channel: int | None) -> ModelFn:
+    """Guide a model whose batch is [conditional; unconditional] (the caption and the null caption).
+
+    The returned function takes the conditional half only. Guidance applies to the first
+    `cfg_channel` output channels; Open-Sora uses 3 of the 4 noise channels, leaving the
+    last noise channel and the learned variance as the conditional model predicts them.
+    `cfg_channel=None` guides every noise channel.
+    """
+
+    def guided(x: torch.Tensor, t: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
+        both_mask = None if x_mask is None else torch.cat([x_mask, x_mask])
+        output = model(torch.cat([x, x]), torch.cat([t, t]), both_mask)  # (2B, C', T, H, W)
+        cond, uncond = output.chunk(2)
+        channels = cfg_channel if cfg_channel is not None else x.shape[1]
+        eps = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return guided
+
+
+class IDDPM:
+    """Open-Sora's `iddpm` scheduler: 1000 linear steps, learned variance, respaced sampling."""
+
+    def __init__(
+        self,
+        num_sampling_steps: int = 100,
+        timestep_respacing: str = "",
+        cfg_scale: float = 7.0,
+        cfg_channel: int | None = 3,
+        num_timesteps: int = 1000,
+    ) -> None:
+        self.cfg_scale = cfg_scale
+        self.cfg_channel = cfg_channel
+        self.train_diffusion = GaussianDiffusion.spaced(timestep_respacing, num_timesteps)
+        self.sample_diffusion = GaussianDiffusion.spaced(num_sampling_steps, num_timesteps)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Training timesteps (sample t uniformly below this)."""
+        return self.train_diffusion.num_timesteps
+
+    def training_losses(
+        self,
+        model: ModelFn,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return self.train_diffusion.training_losses(model, x0, t, noise, mask)
+
+    def sample(
+        self,
+        model: ModelFn,
+        noise: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        edit: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Sample with guidance; `model` takes the doubled batch [conditional; unconditional]."""
+        guided = classifier_free_guidance(model, self.cfg_scale, self.cfg_channel)
+        return self.sample_diffusion.sample(guided, noise, reference, edit, generator, progress)

@@ -1,0 +1,161 @@
+"""IDDPM numerics against simple references: schedules, losses with an oracle, sampling, masks, guidance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sora_model.diffusion import IDDPM, classifier_free_guidance
+from sora_model.diffusion.gaussian import GaussianDiffusion, VarianceType, linear_betas, mean_flat, space_timesteps
+
+SHAPE = (2, 4, 5, 6, 6)  # (B, C, T, H, W)
+
+
+def test_linear_schedule_endpoints():
+    betas = linear_betas(1000)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02) and len(betas) == 1000
+
+
+@pytest.mark.parametrize(
+    ("respacing", "expected"),
+    [
+        ("", list(range(10))),
+        ("5", [0, 2, 4, 7, 9]),
+        (5, [0, 2, 4, 7, 9]),
+        ("2,3", [0, 4, 5, 7, 9]),  # two sections of 5 steps: 2 from the first, 3 from the second
+        ("10", list(range(10))),
+    ],
+)
+def test_space_timesteps(respacing, expected):
+    assert space_timesteps(10, respacing) == expected
+
+
+def test_space_timesteps_rejects_too_many_steps():
+    with pytest.raises(ValueError, match="cannot take 11 steps"):
+        space_timesteps(10, "11")
+
+
+def test_respaced_process_reaches_the_same_noise_levels():
+    full = GaussianDiffusion.spaced("", 1000)
+    spaced = GaussianDiffusion.spaced("50", 1000)
+    assert spaced.num_timesteps == 50 and spaced.timestep_map[0] == 0 and spaced.timestep_map[-1] == 999
+    np.testing.assert_allclose(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timestep_map], rtol=1e-12)
+
+
+def oracle(diffusion: GaussianDiffusion, x0: torch.Tensor, calls: list | None = None):
+    """A model that knows x0: it returns the exact noise and v = -1 (the posterior variance)."""
+
+    def model(xt, timesteps, x_mask):
+        if calls is not None:
+            calls.append(None if x_mask is None else x_mask.clone())
+        index = torch.tensor([diffusion.timestep_map.index(int(s)) for s in timesteps])
+        a = torch.from_numpy(diffusion.alphas_cumprod).float()[index].reshape(-1, 1, 1, 1, 1)
+        eps = (xt - a.sqrt() * x0[: len(xt)]) / (1 - a).sqrt()
+        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+
+    return model
+
+
+def test_oracle_model_has_zero_loss():
+    diffusion = GaussianDiffusion.spaced("", 1000)
+    x0 = torch.rand(SHAPE) * 2 - 1
+    t = torch.tensor([10, 700])
+    terms = diffusion.training_losses(oracle(diffusion, x0), x0, t)
+    assert terms["mse"].max() < 1e-6
+    assert terms["vb"].abs().max() < 1e-3  # predicted posterior equals the true one
+    assert terms["loss"].shape == (2,)
+
+
+def test_masked_training_counts_generated_frames_only():
+    diffusion = GaussianDiffusion.spaced("", 1000)
+    x0 = torch.rand(SHAPE) * 2 - 1
+    mask = torch.tensor([[True, True, False, False, True], [False, True, True, True, True]])
+    seen = {}
+
+    def model(xt, timesteps, x_mask):
+        seen["xt"], seen["mask"] = xt, x_mask
+        out = oracle(diffusion, x0)(xt, timesteps, x_mask)
+        out[:, :4] = torch.where(x_mask[:, None, :, None, None], out[:, :4], torch.full_like(out[:, :4], 9.0))
+        return out
+
+    terms = diffusion.training_losses(model, x0, torch.tensor([300, 300]), mask=mask)
+    assert terms["mse"].max() < 1e-6  # the wrong outputs on condition frames carry no loss
+    assert torch.equal(seen["mask"], mask)
+    condition = ~mask[:, None, :, None, None].expand_as(x0)
+    assert torch.equal(seen["xt"][condition], x0[condition])  # condition frames stay clean
+
+
+def test_mean_flat_with_mask_is_the_mean_of_masked_frames():
+    values = torch.arange(2 * 1 * 3 * 1 * 1, dtype=torch.float32).reshape(2, 1, 3, 1, 1)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    assert mean_flat(values, mask).tolist() == [1.0, 5.0]
+
+
+def test_sampling_with_an_oracle_recovers_the_target():
+    diffusion = GaussianDiffusion.spaced("50", 1000)
+    target = torch.rand(SHAPE) * 2 - 1
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    sample = diffusion.sample(oracle(diffusion, target), noise, generator=torch.Generator().manual_seed(1))
+    assert (sample - target).abs().max() < 0.05
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    diffusion = GaussianDiffusion.spaced("10", 1000)
+    model = oracle(diffusion, torch.zeros(SHAPE))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    a = diffusion.sample(model, noise, generator=torch.Generator().manual_seed(3))
+    b = diffusion.sample(model, noise, generator=torch.Generator().manual_seed(3))
+    c = diffusion.sample(model, noise, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_edit_ratios_freeze_then_release_frames():
+    steps = 10
+    diffusion = GaussianDiffusion.spaced(str(steps), 1000)
+    target = torch.zeros(SHAPE)
+    reference = torch.full(SHAPE, 0.5)
+    edit = torch.tensor([[0.0, 1.0, 0.3, 1.0, 1.0]] * 2)
+    calls: list = []
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    sample = diffusion.sample(
+        oracle(diffusion, target, calls), noise, reference, edit, torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(sample[:, :, 0], reference[:, :, 0])  # edit 0: a frozen condition frame
+    assert (sample[:, :, 1] - target[:, :, 1]).abs().max() < 0.1  # edit 1: generated
+    active = torch.stack([call[0] for call in calls])  # (steps, T) for the first sample
+    assert active[:, 0].sum() == 0 and active[:, 1].sum() == steps
+    assert active[:, 2].tolist() == [False] * 7 + [True] * 3  # edit 0.3: the last 30% of the steps
+    assert (sample[:, :, 2] - target[:, :, 2]).abs().max() < 0.2  # then denoised towards the target
+
+
+def test_guidance_on_the_first_channels_only():
+    def model(x, t, x_mask):
+        half = len(x) // 2
+        out = torch.zeros(len(x), 8, *x.shape[2:])
+        out[:half] = 1.0  # conditional
+        out[half:] = -1.0  # unconditional
+        return out
+
+    guided = classifier_free_guidance(model, cfg_scale=4.0, cfg_channel=3)
+    out = guided(torch.zeros(SHAPE), torch.zeros(2, dtype=torch.long), None)
+    assert out.shape == (2, 8, *SHAPE[2:])
+    assert torch.all(out[:, :3] == -1 + 4 * 2)  # uncond + scale x (cond - uncond)
+    assert torch.all(out[:, 3:] == 1.0)  # the 4th noise channel and the variance: conditional
+    all_channels = classifier_free_guidance(model, 4.0, None)(
+        torch.zeros(SHAPE), torch.zeros(2, dtype=torch.long), None
+    )
+    assert torch.all(all_channels[:, :4] == 7.0) and torch.all(all_channels[:, 4:] == 1.0)
+
+
+def test_iddpm_respaces_sampling_not_training():
+    scheduler = IDDPM(num_sampling_steps=20, timestep_respacing="", cfg_scale=7.0, cfg_channel=3)
+    assert scheduler.num_timesteps == 1000 and scheduler.sample_diffusion.num_timesteps == 20
+
+
+def test_fixed_variance_sampling_runs():
+    diffusion = GaussianDiffusion.spaced("5", 1000, variance=VarianceType.FIXED_SMALL)
+    target = torch.zeros(SHAPE)
+    model = oracle(diffusion, target)
+    out = diffusion.sample(lambda x, t, m: model(x, t, m)[:, :4], torch.randn(SHAPE), generator=torch.Generator())
+    assert out.shape == SHAPE
