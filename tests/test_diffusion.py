@@ -159,3 +159,74 @@ def test_fixed_variance_sampling_runs():
     model = oracle(diffusion, target)
     out = diffusion.sample(lambda x, t, m: model(x, t, m)[:, :4], torch.randn(SHAPE), generator=torch.Generator())
     assert out.shape == SHAPE
+
+
+def dpm_oracle(solver, x0):
+    def model(x, step, x_mask):
+        t = float(step[0]) / solver.num_timesteps + 1.0 / solver.num_timesteps
+        alpha, sigma, _ = solver.alpha_sigma_lambda(t)
+        eps = (x - alpha * x0[: len(x)]) / sigma
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+    return model
+
+
+def test_dpm_solver_with_an_oracle_recovers_the_target():
+    from sora_model.diffusion import DPMSolver
+
+    solver = DPMSolver(num_sampling_steps=10)
+    target = torch.rand(SHAPE) * 2 - 1
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    sample = solver.sample(dpm_oracle(solver, target), noise)
+    assert (sample - target).abs().mean() < 0.01  # what is left is the noise of step 1 of 1000
+    assert torch.equal(sample, solver.sample(dpm_oracle(solver, target), noise))  # an ODE: deterministic
+
+
+def test_dpm_solver_2m_follows_the_exact_ode_better_than_ddim():
+    """Gaussian data has a closed-form denoiser and probability-flow ODE: a reference to compare to."""
+    from sora_model.diffusion import DPMSolver
+
+    mean, std = 0.3, 0.5
+
+    def denoiser(solver):
+        def model(x, step, x_mask):
+            t = float(step[0]) / solver.num_timesteps + 1.0 / solver.num_timesteps
+            alpha, sigma, _ = solver.alpha_sigma_lambda(t)
+            x0 = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (x - alpha * mean)  # E[x0 | x_t]
+            return torch.cat([(x - alpha * x0) / sigma, torch.zeros_like(x)], dim=1)
+
+        return model
+
+    class DDIM(DPMSolver):  # the first-order update at every step
+        def sample(self, model, noise, progress=False):
+            x, times, channels = noise, self.timesteps(), noise.shape[1]
+            for i in range(1, len(times)):
+                alpha_p, sigma_p, lambda_p = self.alpha_sigma_lambda(times[i - 1])
+                alpha, sigma, lambda_ = self.alpha_sigma_lambda(times[i])
+                step = torch.full((x.shape[0],), (times[i - 1] - 1 / 1000) * 1000)
+                x0 = (x - sigma_p * model(x, step, None)[:, :channels]) / alpha_p
+                x = (sigma / sigma_p) * x - alpha * float(np.expm1(-(lambda_ - lambda_p))) * x0
+            return x
+
+    solver, ddim = DPMSolver(num_sampling_steps=20), DDIM(num_sampling_steps=20)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    alpha_1, sigma_1, _ = solver.alpha_sigma_lambda(1.0)
+    alpha_e, sigma_e, _ = solver.alpha_sigma_lambda(1.0 / solver.num_timesteps)
+    z = (noise - alpha_1 * mean) / np.sqrt(alpha_1**2 * std**2 + sigma_1**2)  # constant along the ODE
+    exact = alpha_e * mean + np.sqrt(alpha_e**2 * std**2 + sigma_e**2) * z
+    error_2m = (solver.sample(denoiser(solver), noise) - exact).abs().mean()
+    error_ddim = (ddim.sample(denoiser(ddim), noise) - exact).abs().mean()
+    assert error_2m < 0.5 * error_ddim, (error_2m, error_ddim)
+    assert error_2m < 0.03
+
+
+def test_build_scheduler_by_config_type():
+    from sora_model.diffusion import DPMSolverSampler, build_scheduler
+
+    assert isinstance(build_scheduler("iddpm", 10), IDDPM)
+    sampler = build_scheduler("dpm-solver", 10)
+    assert isinstance(sampler, DPMSolverSampler)
+    with pytest.raises(ValueError, match="need scheduler type 'iddpm'"):
+        sampler.sample(lambda x, t, m: x, torch.zeros(SHAPE), torch.zeros(SHAPE), torch.zeros(2, 5))
+    with pytest.raises(ValueError):
+        build_scheduler("ddim")
