@@ -32,5 +32,6 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "STDiT2-XL/2": ModelSize(Family.STDIT2, depth=28, hidden_size=1152, num_heads=16),
     "DiT-XL/2": ModelSize(Family.DIT, depth=28, hidden_size=1152, num_heads=16),
     # Trains on 2 CPU cores in seconds; used by configs/debug and the tests.
-    "debug": ModelSize(Family.STDIT2, depth=2, hidden_size=64, num_heads=4),
+    # (hidden size divisible by 3: STDiT2's size conditioning splits it in thirds)
+    "debug": ModelSize(Family.STDIT2, depth=2, hidden_size=96, num_heads=4),
 }

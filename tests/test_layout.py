@@ -15,7 +15,11 @@ PROJECT = {"bucketing", "sora_model", "pipelines", "cli"}
 # Allowed third-party (top-level) imports per layer, and the project layers each may use.
 RULES: dict[str, tuple[set[str], set[str]]] = {
     "bucketing": ({"numpy"}, {"bucketing"}),
-    "sora_model": ({"torch", "diffusers", "transformers", "einops", "safetensors", "numpy"}, {"sora_model"}),
+    # flash_attn: the optional CUDA kernel, imported only when asked for and present.
+    "sora_model": (
+        {"torch", "diffusers", "transformers", "einops", "safetensors", "numpy", "tqdm", "flash_attn"},
+        {"sora_model"},
+    ),
     "pipelines": (
         {
             "torch",
