@@ -51,7 +51,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    for key in ("pos_embed", "pos_embed_temporal"):
+    for key in ("pos_embed", "pos_embed_temporal", "pos_embed_spatial"):
         if key in own:
             state[key] = own[key]  # deterministic values, recomputed for this input size
         else:

@@ -17,7 +17,9 @@ get the timestep-0 modulation. Parameter names equal Open-Sora's released checkp
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -308,11 +310,125 @@ class STDiT2(_Base):
         return self.unpatchify(tokens, t, h, w)[:, :, : x.shape[2], : x.shape[3], : x.shape[4]].float()
 
 
-def build_model(name: str, caption_channels: int, model_max_length: int, **options) -> STDiT | STDiT2:
-    """The model a config's `model = dict(type=...)` names, by the sizes table."""
+class DiTBlock(nn.Module):
+    """DiT's block: full attention over all T*S tokens, adaLN-zero from the pooled condition."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, use_flash: bool) -> None:
+        super().__init__()
+        self.attn = Attention(dim, num_heads, use_flash=use_flash)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, -1)
+        x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+        return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+
+
+class DiT(_Base):
+    """DiT-XL/2 as Open-Sora's baseline: 3D attention, conditioned on timestep + pooled caption."""
+
+    def __init__(
+        self,
+        size: ModelSize,
+        input_size: tuple[int, int, int] = (16, 32, 32),
+        in_channels: int = 4,
+        caption_channels: int = 4096,
+        model_max_length: int = 120,
+        class_dropout_prob: float = 0.1,
+        no_temporal_pos_emb: bool = False,
+        enable_flashattn: bool = False,
+    ) -> None:
+        super().__init__()
+        dim = size.hidden_size
+        self.hidden_size = dim
+        self.input_size = input_size
+        self.no_temporal_pos_emb = no_temporal_pos_emb
+        grid = [s // p for s, p in zip(input_size, size.patch_size, strict=True)]
+        spatial = torch.from_numpy(sincos_2d(dim, grid[1], grid[2])).float()[None]
+        temporal = torch.from_numpy(sincos_1d(dim, np.arange(grid[0], dtype=np.float64))).float()[None]
+        self.register_buffer("pos_embed_spatial", spatial)
+        self.register_buffer("pos_embed_temporal", temporal)
+        self.size = size
+        self.in_channels, self.out_channels, self.patch_size = in_channels, 2 * in_channels, size.patch_size
+        self.x_embedder = PatchEmbed3D(size.patch_size, in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.y_embedder = CaptionEmbedder(caption_channels, dim, class_dropout_prob, model_max_length)
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, size.num_heads, size.mlp_ratio, enable_flashattn) for _ in range(size.depth)
+        )
+        self.final_layer = DiTFinalLayer(dim, math.prod(size.patch_size), self.out_channels)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:  # adaLN-zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.final_layer.linear.weight)
+
+    def forward(self, x, timestep, y, y_mask=None, x_mask=None) -> torch.Tensor:
+        """x (B, C, T, H, W), timestep (B,), y (B, L, caption_channels) -> (B, 2C, T, H, W)."""
+        if x_mask is not None:
+            raise ValueError("DiT-XL/2 has no frame conditioning (x_mask); use an STDiT model")
+        t, h, w = self._grid(x)
+        tokens = rearrange(self.x_embedder(x), "b (t s) d -> b t s d", t=t) + self.pos_embed_spatial[:, None]
+        if not self.no_temporal_pos_emb:
+            tokens = tokens + self.pos_embed_temporal[:, :, None]
+        tokens = rearrange(tokens, "b t s d -> b (t s) d")
+        caption = self.y_embedder(y)  # (B, L, D)
+        if y_mask is not None:  # the mean of the real tokens: DiT conditions on one vector
+            if y_mask.shape[0] != caption.shape[0]:
+                y_mask = y_mask.repeat(caption.shape[0] // y_mask.shape[0], 1)
+            weights = y_mask.to(caption.dtype)[..., None]
+            pooled = (caption * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = caption.mean(1)
+        c = self.t_embedder(timestep) + pooled  # (B, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        tokens = self.final_layer(tokens, c)
+        return self.unpatchify(tokens, t, h, w)[:, :, : x.shape[2], : x.shape[3], : x.shape[4]].float()
+
+
+class DiTFinalLayer(nn.Module):
+    def __init__(self, dim: int, num_patch: int, out_channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, num_patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, -1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+def build_model(
+    name: str,
+    caption_channels: int,
+    model_max_length: int,
+    from_pretrained: str | None = None,
+    enable_layernorm_kernel: bool = False,
+    **options,
+) -> STDiT | STDiT2 | DiT:
+    """The model a config's `model = dict(type=...)` names, by the sizes table; weights from
+    `from_pretrained` (a .pth/.pt, a safetensors file or a checkpoint folder) when given."""
+    from sora_model.checkpoint import load_weights
+
+    if enable_layernorm_kernel:
+        # PyTorch's layer_norm already runs one fused kernel on CUDA; apex is not needed.
+        _note_layernorm_kernel()
     size = MODEL_SIZES[name]
-    if size.family is Family.STDIT:
-        return STDiT(size, caption_channels=caption_channels, model_max_length=model_max_length, **options)
-    if size.family is Family.STDIT2:
-        return STDiT2(size, caption_channels=caption_channels, model_max_length=model_max_length, **options)
-    raise NotImplementedError(f"model type {name!r} ({size.family.value}) is not implemented yet")
+    families = {Family.STDIT: STDiT, Family.STDIT2: STDiT2, Family.DIT: DiT}
+    model = families[size.family](size, caption_channels=caption_channels, model_max_length=model_max_length, **options)
+    if from_pretrained is not None:
+        load_weights(model, from_pretrained)
+    return model
+
+
+@functools.cache
+def _note_layernorm_kernel() -> None:
+    warnings.warn(
+        "enable_layernorm_kernel: using PyTorch's layer_norm (a fused kernel on CUDA); apex is not used",
+        stacklevel=3,
+    )

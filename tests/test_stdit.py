@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from einops import rearrange
 from safetensors.torch import save_file
 
 from sora_model.checkpoint import load_weights, read_state_dict
@@ -278,3 +281,89 @@ def test_debug_model_learns_a_fixed_batch_in_seconds():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+
+
+# --------------------------------------------------------------------------- small references
+
+
+def test_2d_position_embedding_against_the_formula():
+    from sora_model.layers import sincos_2d
+
+    table = sincos_2d(8, 2, 3)  # (h*w, 8), row-major: token (h=1, w=2) is row 5
+    w, h = 2.0, 1.0
+    expected_row = [
+        *[math.sin(w), math.sin(w / 100), math.cos(w), math.cos(w / 100)],  # first half: the w coordinate
+        *[math.sin(h), math.sin(h / 100), math.cos(h), math.cos(h / 100)],
+    ]
+    np.testing.assert_allclose(table[5], expected_row, rtol=1e-6)
+    stretched = sincos_2d(8, 2, 3, scale=0.5, base_size=4)  # coordinates / scale x base_size / size
+    u = w / 0.5 * 4 / 3  # the w coordinate, divided by the scale, stretched by base_size / width
+    np.testing.assert_allclose(
+        stretched[5][:4], [math.sin(u), math.sin(u / 100), math.cos(u), math.cos(u / 100)], rtol=1e-5
+    )
+
+
+def test_timestep_embedding_against_the_formula():
+    from sora_model.layers import timestep_embedding
+
+    emb = timestep_embedding(torch.tensor([3.0]), dim=4)  # half = 2: frequencies 1 and 1/100
+    np.testing.assert_allclose(emb[0].numpy(), [math.cos(3), math.cos(0.03), math.sin(3), math.sin(0.03)], rtol=1e-6)
+
+
+def test_unpatchify_inverts_patchify():
+    model = debug_stdit2()
+    x = torch.randn(2, 8, 3, 6, 10)
+    tokens = rearrange(x, "b c t (h ph) (w pw) -> b (t h w) (ph pw c)", ph=2, pw=2)  # patch (1, 2, 2)
+    torch.testing.assert_close(model.unpatchify(tokens, 3, 3, 5), x)
+
+
+def test_guidance_scale_one_is_the_conditional_prediction():
+    from sora_model.diffusion import classifier_free_guidance
+
+    model = debug_stdit2().eval()
+    for parameter in model.final_layer.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    x = torch.randn(1, 4, 2, 8, 8)
+    y, mask = caption(1)
+    t = torch.tensor([400])
+    extra = conditioning(2, 64, 64, 2)
+    both = lambda xt, ts, xm: model(xt, ts, torch.cat([y, model.null_caption(1, 7)]), mask, xm, **extra)  # noqa: E731
+    guided = classifier_free_guidance(both, cfg_scale=1.0, cfg_channel=None)(x, t, None)
+    conditional = model(x, t, y, mask, **conditioning(1, 64, 64, 2))
+    torch.testing.assert_close(guided, conditional, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["iddpm", "dpm-solver"])
+def test_sampling_the_debug_model_returns_the_requested_shape(kind):
+    from sora_model.diffusion import build_scheduler
+
+    model = debug_stdit2().eval()
+    y, mask = caption(1)
+    scheduler = build_scheduler(kind, num_sampling_steps=3, cfg_scale=4.0)
+    extra = conditioning(2, 64, 96, 3)
+    both = lambda xt, ts, xm: model(xt, ts, torch.cat([y, model.null_caption(1, 7)]), mask, xm, **extra)  # noqa: E731
+    noise = torch.randn(1, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    first = scheduler.sample(both, noise, generator=torch.Generator().manual_seed(1))
+    again = scheduler.sample(both, noise, generator=torch.Generator().manual_seed(1))
+    assert first.shape == (1, 4, 3, 8, 12) and torch.isfinite(first).all()
+    torch.testing.assert_close(first, again)  # deterministic for a seed
+
+
+def test_dit_forward_and_names():
+    from sora_model.sizes import Family, ModelSize
+    from sora_model.stdit import DiT
+
+    model = DiT(ModelSize(Family.DIT, 2, 48, 4), input_size=(3, 8, 8), caption_channels=16, model_max_length=5)
+    out = model(torch.randn(2, 4, 3, 8, 8), torch.tensor([1, 2]), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=bool))
+    assert out.shape == (2, 8, 3, 8, 8)
+    assert "blocks.0.adaLN_modulation.1.weight" in model.state_dict()
+    with pytest.raises(ValueError, match="no frame conditioning"):
+        model(torch.randn(1, 4, 3, 8, 8), torch.tensor([1]), torch.randn(1, 5, 16), x_mask=torch.ones(1, 3, dtype=bool))
+
+
+def test_layernorm_kernel_request_is_an_option_not_a_crash():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_model("debug", DEBUG_TEXT, 16, input_sq_size=64, enable_layernorm_kernel=True)
+    assert isinstance(model, STDiT2)
+    assert len([w for w in caught if "layer_norm" in str(w.message)]) <= 1
