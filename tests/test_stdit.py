@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -367,3 +368,25 @@ def test_layernorm_kernel_request_is_an_option_not_a_crash():
         model = build_model("debug", DEBUG_TEXT, 16, input_sq_size=64, enable_layernorm_kernel=True)
     assert isinstance(model, STDiT2)
     assert len([w for w in caught if "layer_norm" in str(w.message)]) <= 1
+
+
+def test_activation_checkpointing_applies_from_outside():
+    """The model has no checkpointing switch: wrapping its blocks from outside gives the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(1, 4, 2, 8, 8)
+    y, mask = caption(1)
+    extra = conditioning(1, 64, 64, 2)
+
+    def gradients(model):
+        model(x, torch.tensor([300]), y, mask, **extra).pow(2).mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = debug_stdit2()
+    wrapped = debug_stdit2()
+    for block in wrapped.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    reference, checkpointed = gradients(plain), gradients(wrapped)
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-4, atol=1e-6)
