@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import av  # noqa: F401  before decord: decord's bundled FFmpeg libraries, loaded first, break PyAV's VP9 encoder
@@ -27,3 +29,38 @@ def demo_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipelines.demo_data import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo"), num=DEMO_NUM, seed=0, progress=False)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SORA = str(Path(sys.executable).parent / "sora")
+
+
+def write_config(folder: Path, models: dict[str, Path], **changes: str) -> Path:
+    """configs/debug/train.py pointed at the session's debug models, with small shards."""
+    text = (ROOT / "configs/debug/train.py").read_text()
+    text = text.replace('"demo/models/vae"', f'"{models["vae"]}"')
+    text = text.replace('"demo/models/t5"', f'"{models["text_encoder"]}"')
+    text = text.replace("rows_per_shard=64", "rows_per_shard=2")
+    for old, new in changes.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = folder / "train.py"
+    path.write_text(text)
+    return path
+
+
+def run_sora(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    """The installed `sora` command, offline, as a user runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    return subprocess.run([SORA, *args], env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def clean_cache(tmp_path_factory, demo_csv: Path, debug_models) -> tuple[Path, Path]:
+    """The demo data preprocessed once per session: (cache folder, config file)."""
+    folder = tmp_path_factory.mktemp("clean")
+    config = write_config(folder, debug_models)
+    result = run_sora("preprocess", str(demo_csv), "--config", str(config), "--cache-dir", str(folder / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"rows in: {DEMO_NUM + 3}   kept: {DEMO_NUM}   dropped by bucketing: 0   rejected: 3" in result.stdout
+    return folder / "cache", config

@@ -6,9 +6,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,40 +15,7 @@ import pytest
 from pipelines import cache as C
 from pipelines.media import frame_indices
 from pipelines.preprocess import DecodeFrames, probe_batch
-from tests.conftest import DEMO_NUM
-
-ROOT = Path(__file__).resolve().parent.parent
-SORA = str(Path(sys.executable).parent / "sora")
-
-
-def write_config(folder: Path, models: dict[str, Path], **changes: str) -> Path:
-    """configs/debug/train.py pointed at the session's debug models, with small shards."""
-    text = (ROOT / "configs/debug/train.py").read_text()
-    text = text.replace('"demo/models/vae"', f'"{models["vae"]}"').replace(
-        '"demo/models/t5"', f'"{models["text_encoder"]}"'
-    )
-    text = text.replace("rows_per_shard=64", "rows_per_shard=2")
-    for old, new in changes.items():
-        assert old in text
-        text = text.replace(old, new)
-    path = folder / "train.py"
-    path.write_text(text)
-    return path
-
-
-def run_sora(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
-    return subprocess.run([SORA, *args], env=env, capture_output=True, text=True, timeout=600, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def clean_cache(tmp_path_factory, demo_csv: Path, debug_models) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("clean")
-    config = write_config(folder, debug_models)
-    result = run_sora("preprocess", str(demo_csv), "--config", str(config), "--cache-dir", str(folder / "cache"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"rows in: {DEMO_NUM + 3}   kept: {DEMO_NUM}   dropped by bucketing: 0   rejected: 3" in result.stdout
-    return folder / "cache", config
+from tests.conftest import DEMO_NUM, SORA, run_sora, write_config
 
 
 def test_manifest_accounts_for_every_row(clean_cache):
