@@ -53,13 +53,15 @@ demo: setup
 	$(BIN)/sora config configs/debug/inference.py > $(DEMO_DIR)/inference.resolved.py
 	$(BIN)/sora preprocess $(DEMO_DIR)/data/data.csv --config configs/debug/train.py --cache-dir $(DEMO_DIR)/cache
 	$(BIN)/sora bucket-report $(DEMO_DIR)/cache --config configs/debug/train.py --plot $(DEMO_DIR)/buckets.png
+	$(BIN)/sora train configs/debug/train.py --data-path $(DEMO_DIR)/cache --outputs $(DEMO_DIR)/outputs --num-workers 2
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
 	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
 	@echo "resolved configs: $(DEMO_DIR)/train.resolved.py, $(DEMO_DIR)/inference.resolved.py"
 	@echo "cache:            $(DEMO_DIR)/cache (manifest.json, buckets/, rejects.arrow, probe.arrow)"
 	@echo "bucket report:    above, and drawn in $(DEMO_DIR)/buckets.png"
-	@echo "next steps (train, sample) are not implemented yet"
+	@echo "trained model:    $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) (losses.jsonl, tensorboard/ beside it)"
+	@echo "next step (sample) is not implemented yet"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -118,7 +118,9 @@ def train(
     outputs: Annotated[str | None, typer.Option("--outputs", help="Where experiments are saved.")] = None,
     load: Annotated[str | None, typer.Option("--load", help="Checkpoint folder to resume from.")] = None,
     ckpt_path: CkptOpt = None,
-    num_workers: Annotated[int | None, typer.Option("--num-workers", help="Training workers.")] = None,
+    num_workers: Annotated[
+        int, typer.Option("--num-workers", min=1, help="Ray Train workers (one GPU each on a GPU cluster).")
+    ] = 1,
     gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if any).")] = None,
     address: AddressOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size (fixed-size form).")] = None,
@@ -133,15 +135,14 @@ def train(
         "outputs": outputs,
         "load": load,
         "model.from_pretrained": ckpt_path,
-        "num_workers": num_workers,
         "batch_size": batch_size,
         "lr": lr,
         "epochs": epochs,
         "seed": seed,
         "wandb": wandb,
     }
-    _run(commands.load, config_path, "train", overrides)
-    _not_implemented("train")
+    experiment = _run(commands.train, config_path, overrides, num_workers, gpu, address)
+    typer.echo(f"experiment: {experiment}")
 
 
 @app.command("sample")

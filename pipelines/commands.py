@@ -38,6 +38,20 @@ def preprocess(data: str | Path, config_path: str | Path, cache_dir: str | Path 
     return summary.format()
 
 
+def train(
+    config_path: str | Path,
+    overrides: Mapping[str, Any],
+    num_workers: int,
+    gpu: bool | None,
+    address: str | None,
+) -> Path:
+    """Train from the cache; returns the experiment folder."""
+    from pipelines.train import train as run
+
+    config = load_config(config_path, "train", overrides)
+    return run(config, config.cache_dir, config.outputs, config.load, num_workers, gpu, address)  # type: ignore[arg-type]
+
+
 def demo_data(out_dir: str | Path, num: int = 24, seed: int = 0) -> Path:
     """Write the demo dataset; returns its data.csv."""
     # Imported here, not at the top: `sora --help` and config commands stay fast

@@ -23,6 +23,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else _read_csv(path)
     except Exception as error:  # pandas and pyarrow raise many types for a malformed file
         raise ConfigError(f"cannot read {path}: {error}") from None
+    table = table.reset_index(drop=True)  # a filtered table saved with its old row labels: rows are positions
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
         raise ConfigError(
@@ -46,7 +47,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def resolve_paths(paths: pd.Series, table_path: str | Path, root: str | None) -> list[Path]:
     """Relative paths resolve against `root` when the config sets it, else the table's folder."""
-    base = Path(root) if root else Path(table_path).parent
+    # Absolute, so workers on other machines (or in other folders) find the same files.
+    base = (Path(root) if root else Path(table_path).parent).absolute()
     return [Path(p) if Path(p).is_absolute() else base / p for p in paths]
 
 

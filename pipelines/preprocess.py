@@ -43,6 +43,32 @@ REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
 FINGERPRINT = f"{C.WORK_DIR}/fingerprint.json"  # what an unfinished run was started with
 
 
+class Rejects:
+    """The reject columns of a batch as plain lists; None = the row is fine so far.
+
+    Batches come back from Ray with these columns in whatever types their blocks had
+    (all-null, strings, NA); writing them back as object columns of str or None, in every
+    stage, keeps one representation end to end.
+    """
+
+    def __init__(self, batch: pd.DataFrame) -> None:
+        self.columns = [[v if isinstance(v, str) and v else None for v in batch[c].tolist()] for c in REJECT_COLUMNS]
+
+    def failed(self, row: int) -> bool:
+        return self.columns[0][row] is not None
+
+    def set(self, row: int, stage: str, reason: str, detail: str = "") -> None:
+        for column, value in zip(self.columns, (stage, reason, detail[:500]), strict=True):
+            column[row] = value
+
+    def into(self, batch: pd.DataFrame, **columns) -> pd.DataFrame:
+        values = {
+            name: pd.Series(column, index=batch.index, dtype=object)
+            for name, column in zip(REJECT_COLUMNS, self.columns, strict=True)
+        }
+        return batch.assign(**values, **columns)
+
+
 # --------------------------------------------------------------------------- fingerprint
 
 
@@ -98,21 +124,18 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
     """Probe stage: frame count, displayed size, fps per row; failures become rejects."""
     count = len(batch)
     frames, heights, widths, fps = [0] * count, [0] * count, [0] * count, [0.0] * count
-    stages, reasons, details = (batch[column].tolist() for column in REJECT_COLUMNS)
+    rejects = Rejects(batch)
     for row, file in enumerate(batch["file"].tolist()):
         try:
             found = probe(file)
         except ProbeError as error:
-            stages[row], reasons[row], details[row] = PROBE, error.reason, error.detail[:500]
+            rejects.set(row, PROBE, error.reason, error.detail)
             continue
         except Exception as error:  # one bad file must not drop the block
-            stages[row], reasons[row], details[row] = PROBE, "probe failed", repr(error)[:500]
+            rejects.set(row, PROBE, "probe failed", repr(error))
             continue
         frames[row], heights[row], widths[row], fps[row] = found.num_frames, found.height, found.width, found.fps
-    return batch.assign(
-        src_num_frames=frames, src_height=heights, src_width=widths, src_fps=fps,
-        reject_stage=stages, reject_reason=reasons, reject_detail=details,
-    )  # fmt: skip
+    return rejects.into(batch, src_num_frames=frames, src_height=heights, src_width=widths, src_fps=fps)
 
 
 class DecodeFrames:
@@ -125,25 +148,26 @@ class DecodeFrames:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         frames, shapes = [], []
-        for row in batch.itertuples(index=False):
+        rejects = Rejects(batch)
+        for index, row in enumerate(batch.itertuples(index=False)):
+            frames.append(b"")
+            shapes.append([])
             try:
                 indices = frame_indices(row.src_num_frames, row.num_frames, self.frame_interval, self.frames_factor)
-                video = resize_crop(read_frames(row.file, indices), row.height, row.width)  # (3, F, H, W)
+                decoded = read_frames(row.file, indices)  # (F, H, W, 3) as displayed
+                if decoded.shape[1:3] != (row.src_height, row.src_width):
+                    # The table's metadata placed this row in its bucket; a file that disagrees would
+                    # be cropped to the wrong shape without a word.
+                    raise DecodeError(
+                        f"the file is {decoded.shape[2]}x{decoded.shape[1]} but the table says "
+                        f"{row.src_width}x{row.src_height}"
+                    )
+                video = resize_crop(decoded, row.height, row.width)  # (3, F, H, W)
                 pixels = ((video + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                frames.append(pixels.numpy().tobytes())
-                shapes.append(list(pixels.shape))
+                frames[index], shapes[index] = pixels.numpy().tobytes(), list(pixels.shape)
             except (DecodeError, ValueError, RuntimeError, OSError) as error:
-                frames.append(b"")
-                shapes.append([])
-                batch.loc[batch.index[len(frames) - 1], list(REJECT_COLUMNS)] = [
-                    DECODE,
-                    "cannot decode",
-                    str(error)[:500],
-                ]
-        batch = batch.copy()
-        batch["frames"] = frames
-        batch["frames_shape"] = shapes
-        return batch
+                rejects.set(index, DECODE, "cannot decode", str(error))
+        return rejects.into(batch, frames=frames, frames_shape=shapes)
 
 
 def _device() -> torch.device:
@@ -172,9 +196,10 @@ class VaeEncode:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         means, logvars, shapes, dtypes = [], [], [], []
+        rejects = Rejects(batch)
         started = time.perf_counter()
         for i, row in enumerate(batch.itertuples(index=False)):
-            if isinstance(row.reject_stage, str):
+            if rejects.failed(i):
                 means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
                 continue
             try:
@@ -184,16 +209,14 @@ class VaeEncode:
                 mean, logvar = self.vae.encode_moments(video)  # (1, 4, F, h, w) each
                 mean_bytes, shape, dtype = C.tensor_to_bytes(mean[0].to(self.store))
                 logvar_bytes, _, _ = C.tensor_to_bytes(logvar[0].to(self.store))
-            except Exception as error:
-                batch.loc[batch.index[i], list(REJECT_COLUMNS)] = [ENCODE, "VAE failed", repr(error)[:500]]
+            except Exception as error:  # one bad row must not drop the block
+                rejects.set(i, ENCODE, "VAE failed", repr(error))
                 means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
                 continue
             means.append(mean_bytes), logvars.append(logvar_bytes), shapes.append(shape), dtypes.append(dtype)
-        batch = batch.drop(columns=["frames", "frames_shape"])
-        batch["vae_span"] = [(started, time.perf_counter())] * len(batch)  # for the run's summary
-        batch[C.LATENT_MEAN], batch[C.LATENT_LOGVAR] = means, logvars
-        batch[C.LATENT_SHAPE], batch[C.LATENT_DTYPE] = shapes, dtypes
-        return batch
+        columns = {C.LATENT_MEAN: means, C.LATENT_LOGVAR: logvars, C.LATENT_SHAPE: shapes, C.LATENT_DTYPE: dtypes}
+        span = [(started, time.perf_counter())] * len(batch)  # for the run's summary
+        return rejects.into(batch.drop(columns=["frames", "frames_shape"]), vae_span=span, **columns)
 
 
 class TextEncode:
@@ -217,7 +240,8 @@ class TextEncode:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         count = len(batch)
         embeddings, shapes, dtypes, tokens = [b""] * count, [[]] * count, [""] * count, [0] * count
-        rows = [i for i in range(count) if not isinstance(batch["reject_stage"].iat[i], str)]
+        rejects = Rejects(batch)
+        rows = [i for i in range(count) if not rejects.failed(i)]
         started = time.perf_counter()
         if rows:
             try:
@@ -226,18 +250,11 @@ class TextEncode:
                     real = int(mask[slot].sum())
                     embeddings[i], shapes[i], dtypes[i] = C.tensor_to_bytes(states[slot, :real].to(self.store))
                     tokens[i] = real
-            except Exception as error:
+            except Exception as error:  # one bad batch is rejected row by row
                 for i in rows:
-                    batch.loc[batch.index[i], list(REJECT_COLUMNS)] = [ENCODE, "T5 failed", repr(error)[:500]]
-        batch = batch.copy()
-        batch["text_span"] = [(started, time.perf_counter())] * count
-        batch[C.TEXT_EMB], batch[C.TEXT_SHAPE], batch[C.TEXT_DTYPE], batch[C.NUM_TOKENS] = (
-            embeddings,
-            shapes,
-            dtypes,
-            tokens,
-        )
-        return batch
+                    rejects.set(i, ENCODE, "T5 failed", repr(error))
+        columns = {C.TEXT_EMB: embeddings, C.TEXT_SHAPE: shapes, C.TEXT_DTYPE: dtypes, C.NUM_TOKENS: tokens}
+        return rejects.into(batch, text_span=[(started, time.perf_counter())] * count, **columns)
 
 
 def _gpus_for(stage_gpus: float | None, cluster_gpus: float) -> float:
@@ -498,7 +515,9 @@ def _encode(pending: pd.DataFrame, cache: C.Store, config: TrainConfig, address:
     counts: Counter[str] = Counter()
     started = time.perf_counter()
     spans: dict[str, set[tuple[float, float]]] = {"vae": set(), "text": set()}
-    for batch in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
+    for arrived in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
+        # Rebuilt column by column: blocks of mixed column types must not reach groupby.
+        batch = Rejects(arrived).into(pd.DataFrame({c: arrived[c].tolist() for c in arrived.columns}))
         spans["vae"].update(map(tuple, batch["vae_span"]))
         spans["text"].update(map(tuple, batch["text_span"]))
         for shard, part in batch.groupby("shard"):

@@ -223,7 +223,8 @@ class STDiT(_Base):
         """x (B, C, T, H, W), timestep (B,), y (B, L, caption_channels), y_mask (B, L) -> (B, 2C, T, H, W)."""
         batch = x.shape[0]
         t, h, w = self._grid(x)
-        pos = self.pos_embed if self.pos_embed.shape[1] == h * w else self._spatial_embedding(h, w).to(x.device)
+        trained_grid = (self.input_size[1] // self.patch_size[1], self.input_size[2] // self.patch_size[2])
+        pos = self.pos_embed if (h, w) == trained_grid else self._spatial_embedding(h, w).to(x.device)
         tpe = self.pos_embed_temporal if self.pos_embed_temporal.shape[1] == t else self._temporal_embedding(t)
         tokens = self.x_embedder(x)  # (B, T*S, D)
         tokens = rearrange(

@@ -208,16 +208,23 @@ def test_dpm_solver_2m_follows_the_exact_ode_better_than_ddim():
                 x = (sigma / sigma_p) * x - alpha * float(np.expm1(-(lambda_ - lambda_p))) * x0
             return x
 
-    solver, ddim = DPMSolver(num_sampling_steps=20), DDIM(num_sampling_steps=20)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    alpha_1, sigma_1, _ = solver.alpha_sigma_lambda(1.0)
-    alpha_e, sigma_e, _ = solver.alpha_sigma_lambda(1.0 / solver.num_timesteps)
-    z = (noise - alpha_1 * mean) / np.sqrt(alpha_1**2 * std**2 + sigma_1**2)  # constant along the ODE
-    exact = alpha_e * mean + np.sqrt(alpha_e**2 * std**2 + sigma_e**2) * z
-    error_2m = (solver.sample(denoiser(solver), noise) - exact).abs().mean()
-    error_ddim = (ddim.sample(denoiser(ddim), noise) - exact).abs().mean()
-    assert error_2m < 0.5 * error_ddim, (error_2m, error_ddim)
-    assert error_2m < 0.03
+
+    def errors(steps: int) -> tuple[float, float]:
+        solver, ddim = DPMSolver(num_sampling_steps=steps), DDIM(num_sampling_steps=steps)
+        alpha_1, sigma_1, _ = solver.alpha_sigma_lambda(1.0)
+        alpha_e, sigma_e, _ = solver.alpha_sigma_lambda(1.0 / solver.num_timesteps)
+        z = (noise - alpha_1 * mean) / np.sqrt(alpha_1**2 * std**2 + sigma_1**2)  # constant along the ODE
+        exact = alpha_e * mean + np.sqrt(alpha_e**2 * std**2 + sigma_e**2) * z
+        error_2m = (solver.sample(denoiser(solver), noise) - exact).abs().mean().item()
+        return error_2m, (ddim.sample(denoiser(ddim), noise) - exact).abs().mean().item()
+
+    # Below 10 steps the last step is first order (as in Open-Sora): 2M beats DDIM.
+    error_2m, error_ddim = errors(8)
+    assert error_2m < 0.9 * error_ddim, (error_2m, error_ddim)
+    # Converging: second order halves DDIM's error at 100 steps.
+    error_2m, error_ddim = errors(100)
+    assert error_2m < 0.6 * error_ddim and error_2m < 0.01, (error_2m, error_ddim)
 
 
 def test_build_scheduler_by_config_type():
@@ -230,3 +237,22 @@ def test_build_scheduler_by_config_type():
         sampler.sample(lambda x, t, m: x, torch.zeros(SHAPE), torch.zeros(SHAPE), torch.zeros(2, 5))
     with pytest.raises(ValueError):
         build_scheduler("ddim")
+
+
+def test_respacing_keeps_improved_diffusions_steps():
+    # improved-diffusion accumulates the stride and rounds: 21 of 1000 keeps 499 (not 500).
+    kept = space_timesteps(1000, "21")
+    assert 499 in kept and 500 not in kept and kept[0] == 0 and kept[-1] == 999
+
+
+def test_edit_ratio_starts_on_open_soras_step():
+    """10 steps, edit 0.5: held until step 5, noised there (still a condition for that call), then generated."""
+    steps = 10
+    diffusion = GaussianDiffusion.spaced(str(steps), 1000)
+    calls: list = []
+    reference = torch.full(SHAPE, 0.5)
+    edit = torch.tensor([[0.0, 0.5, 1.0, 1.0, 1.0]] * 2)
+    diffusion.sample(oracle(diffusion, torch.zeros(SHAPE), calls), torch.randn(SHAPE), reference, edit,
+                     torch.Generator().manual_seed(0))  # fmt: skip
+    active = [bool(call[0, 1]) for call in calls]  # frame 1 of the first sample, steps 9 .. 0
+    assert active == [False] * 5 + [True] * 5

@@ -36,6 +36,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
             "PIL",
             "tqdm",
             "deepspeed",
+            "tensorboardX",
             "matplotlib",
         },
         {"bucketing", "sora_model", "pipelines"},

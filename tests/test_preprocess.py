@@ -156,6 +156,8 @@ def test_decode_stage_rejects_a_file_without_the_frames(demo_csv):
         {
             "file": [str(folder / "clip_000.mp4"), str(folder / "broken_truncated.mp4")],
             "src_num_frames": [12, 24],
+            "src_height": [144, 144],
+            "src_width": [256, 256],
             "num_frames": [8, 8],
             "height": [144, 144],
             "width": [256, 256],
@@ -211,10 +213,18 @@ def test_cache_at_a_uri(demo_csv, debug_models, tmp_path):
     """A cache location may be a URI of pyarrow's filesystems (file:// here; s3://, gs://... alike)."""
     uri = f"file://{tmp_path / 'uri-cache'}"
     config = write_config(tmp_path, debug_models)
-    # The demo rows plus a duplicate of the first row and a row without a caption.
+    # The demo rows plus a duplicate of the first row, a row without a caption, and two rows whose
+    # metadata columns disagree with their files (too many frames; another size): decode rejects
+    # that share shards with good rows.
     lines = demo_csv.read_text().splitlines()
+    rows = ["path,text,num_frames,height,width,fps"] + [f"{line},,,," for line in lines[1:]]
+    rows += [f"{lines[1]},,,,", f"{lines[2].split(',')[0]},,,,,"]
+    rows += [
+        "clip_000.mp4,the table says 500 frames,500,144,256,30",
+        "clip_001.mp4,the table says square,32,256,256,30",
+    ]
     table = demo_csv.parent / "with_bad_rows.csv"
-    table.write_text("\n".join([*lines, lines[1], lines[2].split(",")[0] + ","]) + "\n")
+    table.write_text("\n".join(rows) + "\n")
     result = run_sora("preprocess", str(table), "--config", str(config), "--cache-dir", uri)
     assert result.returncode == 0, result.stderr[-3000:]
     cache = C.Cache(uri)
@@ -224,6 +234,9 @@ def test_cache_at_a_uri(demo_csv, debug_models, tmp_path):
         (DEMO_NUM + 3, "duplicate row (same path and caption)"),
         (DEMO_NUM + 4, "empty caption"),
     ]
+    decode = {r[C.ROW]: r[C.DETAIL] for r in cache.rejects().to_pylist() if r[C.STAGE] == "decode"}
+    assert sorted(decode) == [DEMO_NUM + 5, DEMO_NUM + 6]
+    assert "the table says 256x256" in decode[DEMO_NUM + 6]
     assert sum(1 for bucket in cache.buckets() for _ in cache.iter_samples(bucket)) == DEMO_NUM
     report = run_sora("bucket-report", uri, "--config", str(config), "--json")
     assert report.returncode == 0 and json.loads(report.stdout)["kept"] == DEMO_NUM
@@ -245,3 +258,24 @@ def test_rejects_name_the_input_row(clean_cache, demo_csv):
     assert [r[C.ROW] for r in rejects] == sorted(r[C.ROW] for r in rejects)
     for reject in rejects:
         assert lines[reject[C.ROW]].startswith(reject[C.PATH] + ",")
+
+
+def test_a_filtered_parquet_table_keeps_its_rows_in_place(tmp_path):
+    from pipelines.dataset import read_table, resolve_paths
+
+    frame = pd.DataFrame({"path": [f"clip_{i}.mp4" for i in range(6)], "text": [f"caption {i}" for i in range(6)]})
+    frame.iloc[::2].to_parquet(tmp_path / "filtered.parquet")  # saved with its old row labels 0, 2, 4
+    table = read_table(tmp_path / "filtered.parquet")
+    assert list(table.index) == [0, 1, 2] and table["path"].tolist() == ["clip_0.mp4", "clip_2.mp4", "clip_4.mp4"]
+    assert all(path.is_absolute() for path in resolve_paths(table["path"], "relative/data.csv", None))
+
+
+def test_reject_columns_of_mixed_types_become_one_kind():
+    from pipelines.preprocess import Rejects
+
+    batch = pd.DataFrame({"reject_stage": ["decode", None, pd.NA], "reject_reason": ["x", None, None],
+                          "reject_detail": [None, None, None]})  # fmt: skip
+    rejects = Rejects(batch)
+    assert [rejects.failed(i) for i in range(3)] == [True, False, False]
+    out = rejects.into(batch)
+    assert out["reject_stage"].tolist() == ["decode", None, None] and out["reject_stage"].dtype == object

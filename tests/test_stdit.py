@@ -390,3 +390,14 @@ def test_activation_checkpointing_applies_from_outside():
     assert reference.keys() == checkpointed.keys()
     for name in reference:
         torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+def test_stdit_v1_recomputes_the_position_embedding_for_another_grid():
+    from sora_model.sizes import Family, ModelSize
+
+    model = STDiT(ModelSize(Family.STDIT, 1, 24, 2), input_size=(2, 32, 32), caption_channels=8, model_max_length=4)
+    seen = {}
+    original = model._spatial_embedding
+    model._spatial_embedding = lambda h, w: seen.setdefault((h, w), original(h, w))
+    model(torch.randn(1, 4, 2, 16, 64), torch.tensor([3]), torch.randn(1, 3, 8))  # 8 x 32 = 256 tokens, like 16 x 16
+    assert seen and list(seen) == [(8, 32)]

@@ -98,10 +98,10 @@ class IDDPM:
 class DPMSolverSampler:
     """Open-Sora's `dpm-solver` scheduler: few-step sampling with guidance (no training, no masks)."""
 
-    def __init__(self, num_sampling_steps: int = 20, cfg_scale: float = 4.0, cfg_channel: int | None = 3) -> None:
+    def __init__(self, num_sampling_steps: int = 20, cfg_scale: float = 4.0) -> None:
         self.solver = DPMSolver(num_sampling_steps)
         self.cfg_scale = cfg_scale
-        self.cfg_channel = cfg_channel
+        self.cfg_channel = None  # Open-Sora's DPM-Solver guides every noise channel
 
     def sample(
         self,
@@ -129,4 +129,4 @@ def build_scheduler(
     kind = SchedulerKind(kind)
     if kind is SchedulerKind.IDDPM:
         return IDDPM(num_sampling_steps, timestep_respacing, cfg_scale, cfg_channel)
-    return DPMSolverSampler(num_sampling_steps, cfg_scale, cfg_channel)
+    return DPMSolverSampler(num_sampling_steps, cfg_scale)  # cfg_channel is an IDDPM setting

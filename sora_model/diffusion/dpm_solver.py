@@ -59,10 +59,10 @@ class DPMSolver:
             _alpha_prev, sigma_prev, lambda_prev = self.alpha_sigma_lambda(times[i - 1])
             alpha, sigma, lambda_ = self.alpha_sigma_lambda(times[i])
             h = lambda_ - lambda_prev
-            if previous_x0 is None or i == len(times) - 1:
-                # First order (DDIM) on the first step, and on the last: its step in log-SNR is
-                # far longer than the one before, where extrapolating is unstable
-                # (DPM-Solver's "lower order final").
+            if previous_x0 is None or (i == len(times) - 1 and self.steps < 10):
+                # First order (DDIM) on the first step, and on the last one when there are few
+                # steps: then its step in log-SNR is far longer than the one before and
+                # extrapolating is unstable (DPM-Solver's "lower order final", below 10 steps).
                 estimate = x0
             else:  # second order from the last two data predictions
                 r = previous_h / h

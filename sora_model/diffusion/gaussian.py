@@ -59,7 +59,10 @@ def space_timesteps(num_timesteps: int, respacing: str | int | Sequence[int]) ->
         if count > section or count < 1:
             raise ValueError(f"cannot take {count} steps out of a section of {section}")
         stride = (section - 1) / (count - 1) if count > 1 else 1
-        kept.update(start + round(stride * i) for i in range(count))
+        position = 0.0
+        for _ in range(count):  # accumulated, then rounded: the exact steps improved-diffusion keeps
+            kept.add(start + round(position))
+            position += stride
         start += section
     return sorted(kept)
 
@@ -242,22 +245,27 @@ class GaussianDiffusion:
         """
         x = noise
         steps = self.num_timesteps
+        frames = lambda m: m[:, None, :, None, None]  # noqa: E731  (B, T) -> broadcast over (B, C, T, H, W)
+        start = None if edit is None else (edit * steps).floor().long()  # (B, T): the step a frame starts at
         for i in tqdm(range(steps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             active = None
-            if edit is not None:
-                threshold = edit * steps  # (B, T)
-                active = i < threshold  # (B, T) frames being generated at this step
-                starting = active & (i + 1 >= threshold) & (threshold < steps)  # turned active just now
-                start_noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                restart = self.q_sample(reference, t, start_noise)
-                frames = lambda m: m[:, None, :, None, None]  # noqa: E731
-                x = torch.where(frames(starting), restart, torch.where(frames(active), x, reference))
+            if start is not None:
+                # Open-Sora 1.1's schedule: a frame is held at its reference until step `start`, gets
+                # noised to that step's level there (still flagged as a condition for that one
+                # call) and is denoised from then on.
+                starting = start == i
+                if starting.any():
+                    restart_noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    x = torch.where(frames(starting), self.q_sample(reference, t, restart_noise), x)
+                active = start > i
             output = model(x, self._model_timesteps(t), active)
             out = self.p_mean_variance(output, x, t)
             step_noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             nonzero = (t != 0).float().reshape(-1, *([1] * (x.dim() - 1)))
             x = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * step_noise
-            if edit is not None:
-                x = torch.where(active[:, None, :, None, None], x, reference)
+            if start is not None:
+                x = torch.where(frames(start < i), reference, x)
+        if edit is not None:  # frozen conditions come out exactly as given (Open-Sora: within one step)
+            x = torch.where(frames(edit <= 0), reference, x)
         return x

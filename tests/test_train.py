@@ -1,0 +1,101 @@
+"""`sora train` on the demo cache: 2 workers over gloo, DeepSpeed ZeRO-2 on CPU, the debug model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_sora
+
+TOTAL = 24  # steps of the short run (checkpoints at 8, 16, 24)
+
+
+def losses(experiment: Path) -> list[dict]:
+    return [json.loads(line) for line in (experiment / "losses.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def schedule(clean_cache) -> tuple[int, int]:
+    """(steps per epoch, epochs) giving TOTAL steps on the session's demo cache with 2 workers."""
+    from pipelines import cache as C
+    from pipelines.config import load_config
+    from pipelines.train import make_plan
+
+    steps = make_plan(C.Cache(clean_cache[0]), load_config(clean_cache[1], "train"), 2).steps_per_epoch
+    assert TOTAL % steps == 0
+    return steps, TOTAL // steps
+
+
+@pytest.fixture(scope="module")
+def trained(clean_cache, schedule, tmp_path_factory) -> tuple[Path, Path]:
+    cache, config = clean_cache
+    folder = tmp_path_factory.mktemp("train")
+    text = config.read_text()
+    for old, new in {
+        "log_every = 5": "log_every = 1",
+        "ckpt_every = 20": "ckpt_every = 8",
+        "lr = 1e-4": "lr = 1e-3",
+    }.items():
+        assert old in text
+        text = text.replace(old, new)
+    train_config = folder / "train.py"
+    train_config.write_text(text)
+    args = ["train", str(train_config), "--data-path", str(cache), "--outputs", str(folder / "out")]
+    result = run_sora(*args, "--num-workers", "2", "--epochs", str(schedule[1]))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    experiment = folder / "out" / "000-debug"  # the first experiment of a fresh outputs folder
+    assert f"experiment: {experiment}" in result.stdout
+    return experiment, train_config
+
+
+def test_plan_is_printed_with_buckets_that_yield_nothing(trained, clean_cache, schedule):
+    experiment, config = trained
+    result = run_sora("train", str(config), "--data-path", str(clean_cache[0]), "--load", str(experiment),
+                      "--num-workers", "2", "--epochs", str(schedule[1]))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]  # finished already: loads, plans, has nothing to do
+    assert f"2 worker(s), {schedule[0]} steps per epoch" in result.stdout
+    assert "yields no full batch" in result.stdout
+
+
+def test_the_loss_falls(trained):
+    values = [entry["loss"] for entry in losses(trained[0])][:TOTAL]
+    assert len(values) == TOTAL
+    first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
+    assert last < 0.9 * first, values
+
+
+def test_checkpoints_hold_weights_ema_optimizer_state_and_config(trained, schedule):
+    experiment, _ = trained
+    folders = sorted((experiment / "checkpoints").glob("step-*"))
+    assert [f.name for f in folders] == [f"step-{s:07d}" for s in (8, 16, 24)]
+    last = folders[-1]
+    for name in ("model.safetensors", "ema.safetensors", "state.json", "config.py"):
+        assert (last / name).is_file(), name
+    assert len(list((last / "deepspeed").rglob("*optim_states.pt"))) == 2  # one ZeRO shard per worker
+    assert json.loads((last / "state.json").read_text()) == {"epoch": schedule[1], "step": 0, "global_step": TOTAL}
+
+
+def test_workers_never_load_the_vae_or_text_encoder(trained):
+    info = json.loads((trained[0] / "worker.json").read_text())
+    assert info["world_size"] == 2
+    assert not [name for name in info["encoders_loaded"] if name.startswith("sora_model.")]
+
+
+def test_resume_continues_with_the_same_losses(trained, clean_cache, schedule, tmp_path):
+    experiment, config = trained
+    original = {entry["step"]: entry["loss"] for entry in losses(experiment)[:TOTAL]}
+    # Resume from the first checkpoint into a copy of the experiment, run to the same end.
+    copy = tmp_path / "resumed"
+    (copy / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(experiment / "checkpoints" / "step-0000008", copy / "checkpoints" / "step-0000008")
+    result = run_sora("train", str(config), "--data-path", str(clean_cache[0]), "--load", str(copy),
+                      "--num-workers", "2", "--epochs", str(schedule[1]))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = {entry["step"]: entry["loss"] for entry in losses(copy)}
+    assert sorted(resumed) == list(range(9, TOTAL + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(original[step], rel=1e-5, abs=1e-6), step
