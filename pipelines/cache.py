@@ -30,7 +30,7 @@ import torch
 
 from pipelines.config import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rejects and probe tables carry the input row
 MANIFEST = "manifest.json"
 PROBE = "probe.arrow"
 REJECTS = "rejects.arrow"
