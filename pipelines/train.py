@@ -33,6 +33,7 @@ from pipelines.config import ConfigError, TrainConfig, format_config
 from pipelines.train_data import CacheBatches, EpochPlan, _seed, bucket_batch_size, plan_epoch
 
 CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"  # written into a checkpoint folder once every worker's files are in
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     if (folder / "state.json").is_file():
         return folder
     found = sorted((folder / CHECKPOINTS).glob("step-*")) if (folder / CHECKPOINTS).is_dir() else []
+    found = [path for path in found if (path / COMPLETE).is_file()]
     return found[-1] if found else None
 
 
@@ -102,6 +104,8 @@ def train(
 
     from pipelines.preprocess import check_cache_matches
 
+    if config.plugin != "zero2":
+        raise ConfigError(f"plugin {config.plugin!r} (sequence parallelism) is not implemented yet; use 'zero2'")
     cache = C.Cache(cache_dir)
     check_cache_matches(cache.store, config)
     plan = make_plan(cache, config, num_workers)
@@ -237,9 +241,12 @@ def train_loop(loop: dict[str, Any]) -> None:
     scheduler = IDDPM(timestep_respacing=config.scheduler.timestep_respacing)
 
     epoch, step, global_step = 0, 0, 0
-    resume = ray.train.get_checkpoint()  # after a worker failure: Ray Train's latest
+    # Where to continue from: Ray Train's latest checkpoint, else `--load`, else (after a worker
+    # failure restarted this function) the newest complete checkpoint of this experiment.
+    resume = ray.train.get_checkpoint()
+    fallback = loop["resume"] or latest_checkpoint(loop["experiment"])
     resume_dir = None
-    with resume.as_directory() if resume else _nullcontext(loop["resume"]) as found:
+    with resume.as_directory() if resume else _nullcontext(fallback) as found:
         if found:
             resume_dir = Path(found)
             engine.load_checkpoint(str(resume_dir / "deepspeed"), tag="state")
@@ -249,6 +256,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                 ema.load_state_dict(load_file(str(resume_dir / "ema.safetensors")))
     experiment = Path(loop["experiment"])
     writer = SummaryWriter(str(experiment / "tensorboard")) if rank == 0 else None
+    run = _wandb_run(config, experiment) if rank == 0 else None
     if rank == 0:  # what this worker runs on, and proof that no VAE or text encoder was loaded
         heavy = [name for name in ("sora_model.vae", "sora_model.text_encoder", "diffusers") if name in sys.modules]
         info = {"world_size": world, "device": str(engine.device), "encoders_loaded": heavy}
@@ -269,8 +277,12 @@ def train_loop(loop: dict[str, Any]) -> None:
                     json.dumps({"epoch": epoch, "step": step, "global_step": global_step})
                 )
                 (target / "config.py").write_text(format_config(config))
-            # Every rank adds its own ZeRO shards to the experiment's copy (shared storage on clusters).
+            # Every rank adds its own ZeRO shards to the experiment's copy (shared storage on clusters);
+            # the marker says all of them are there.
             shutil.copytree(target, folder, dirs_exist_ok=True)
+            torch.distributed.barrier()
+            if rank == 0:
+                (folder / COMPLETE).write_text("")
             ray.train.report({"global_step": global_step}, checkpoint=ray.train.Checkpoint.from_directory(str(target)))
 
     wait = compute = 0.0
@@ -316,6 +328,8 @@ def train_loop(loop: dict[str, Any]) -> None:
                 )
                 for key, value in metrics.items():
                     writer.add_scalar(f"train/{key}", value, global_step)
+                if run is not None:
+                    run.log(metrics, step=global_step)
                 _log_loss(experiment, global_step, loss.item())
                 wait = compute = 0.0
                 samples = 0
@@ -325,6 +339,20 @@ def train_loop(loop: dict[str, Any]) -> None:
                 break
     if writer is not None:
         writer.close()
+    if run is not None:
+        run.finish()
+
+
+def _wandb_run(config: TrainConfig, experiment: Path):
+    """A wandb run when `wandb=True` and the package is installed; otherwise None, said once."""
+    if not config.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb=True but wandb is not installed (pip install wandb): logging to TensorBoard only", flush=True)
+        return None
+    return wandb.init(project="sora", name=experiment.name, dir=str(experiment), config={"model": config.model.type})
 
 
 def _sizes(config: TrainConfig, data: CacheBatches) -> dict[str, int]:

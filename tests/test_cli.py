@@ -58,7 +58,6 @@ def test_sample_help_shows_the_seed_override_flags():
 @pytest.mark.parametrize(
     "args",
     [
-        ("train", "configs/debug/train.py"),
         ("sample", "configs/debug/inference.py"),
     ],
 )
@@ -148,3 +147,12 @@ def test_output_path_that_is_a_file_is_one_line(tmp_path: Path):
         result = sora(command, str(blocker))
         assert result.returncode == 2, (command, result.stderr)
         assert "Traceback" not in result.stderr and result.stderr.startswith("error:")
+
+
+def test_train_without_a_cache_says_what_to_run(tmp_path: Path):
+    result = sora("train", "configs/debug/train.py", "--data-path", str(tmp_path / "no-cache"))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"error: {tmp_path / 'no-cache'} is not a finished cache (no manifest.json); "
+        "run `sora preprocess` to create or finish it"
+    )

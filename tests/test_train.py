@@ -99,3 +99,51 @@ def test_resume_continues_with_the_same_losses(trained, clean_cache, schedule, t
     assert sorted(resumed) == list(range(9, TOTAL + 1))
     for step, loss in resumed.items():
         assert loss == pytest.approx(original[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sequence_parallelism_says_not_yet(clean_cache, tmp_path):
+    cache, config = clean_cache
+    text = config.read_text().replace('plugin = "zero2"', 'plugin = "zero2-seq"').replace("sp_size = 1", "sp_size = 2")
+    (tmp_path / "seq.py").write_text(text)
+    result = run_sora("train", str(tmp_path / "seq.py"), "--data-path", str(cache), "--outputs", str(tmp_path))
+    assert result.returncode == 2
+    assert "plugin 'zero2-seq' (sequence parallelism) is not implemented yet" in result.stderr
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(clean_cache, schedule, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.conftest import SORA
+
+    cache, config = clean_cache
+    text = config.read_text()
+    for old, new in {"log_every = 5": "log_every = 1", "ckpt_every = 20": "ckpt_every = 4"}.items():
+        text = text.replace(old, new)
+    (tmp_path / "train.py").write_text(text)
+    epochs = 2 * schedule[1]  # 48 steps: time to kill one mid-run
+    args = [SORA, "train", str(tmp_path / "train.py"), "--data-path", str(cache), "--outputs", str(tmp_path / "out"),
+            "--num-workers", "2", "--epochs", str(epochs)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    experiment = tmp_path / "out" / "000-debug"
+    deadline = time.monotonic() + 300
+    # Wait until Ray Train has registered the step-4 checkpoint and training went on past it.
+    while not (list((experiment / "ray" / "run").glob("checkpoint_*")) and (experiment / "losses.jsonl").exists()
+               and losses(experiment)[-1]["step"] >= 6):  # fmt: skip
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    steps = [entry["step"] for entry in losses(experiment)]
+    assert steps[-1] == epochs * schedule[0]  # finished
+    assert len(steps) > len(set(steps))  # some steps ran twice: after the restart from the checkpoint
+    restarted_at = next(s for i, s in enumerate(steps) if s in steps[:i])
+    assert restarted_at > 4  # ... and it resumed after step 4, not from scratch
