@@ -37,6 +37,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
             "tqdm",
             "deepspeed",
             "tensorboardX",
+            "wandb",  # optional: only when wandb=True and installed
             "matplotlib",
         },
         {"bucketing", "sora_model", "pipelines"},
