@@ -54,6 +54,8 @@ demo: setup
 	$(BIN)/sora preprocess $(DEMO_DIR)/data/data.csv --config configs/debug/train.py --cache-dir $(DEMO_DIR)/cache
 	$(BIN)/sora bucket-report $(DEMO_DIR)/cache --config configs/debug/train.py --plot $(DEMO_DIR)/buckets.png
 	$(BIN)/sora train configs/debug/train.py --data-path $(DEMO_DIR)/cache --outputs $(DEMO_DIR)/outputs --num-workers 2
+	$(BIN)/sora sample configs/debug/inference.py --ckpt-path $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) \
+	  --save-dir $(DEMO_DIR)/samples
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
 	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
@@ -61,7 +63,7 @@ demo: setup
 	@echo "cache:            $(DEMO_DIR)/cache (manifest.json, buckets/, rejects.arrow, probe.arrow)"
 	@echo "bucket report:    above, and drawn in $(DEMO_DIR)/buckets.png"
 	@echo "trained model:    $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) (losses.jsonl, tensorboard/ beside it)"
-	@echo "next step (sample) is not implemented yet"
+	@echo "sampled videos:   $(DEMO_DIR)/samples/*.mp4"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from pipelines import USER_ERRORS, commands
+from pipelines.config import CLEAR
 
 app = typer.Typer(
     name="sora",
@@ -174,7 +175,8 @@ def sample(
 ) -> None:
     """Generate videos from prompts with a trained model (long video included)."""
     overrides = {
-        "prompt": prompt or None,
+        # --prompt-path alone replaces the config's prompt list, as the seed's override does.
+        "prompt": prompt or (CLEAR if prompt_path else None),
         "prompt_path": prompt_path,
         "model.from_pretrained": ckpt_path,
         "save_dir": save_dir,
@@ -190,13 +192,8 @@ def sample(
         "reference_path": reference_path or None,
         "mask_strategy": mask_strategy or None,
     }
-    _run(commands.load, config_path, "inference", overrides)
-    _not_implemented("sample")
-
-
-def _not_implemented(command: str) -> NoReturn:
-    typer.secho(f"sora {command}: not implemented yet", fg=typer.colors.YELLOW, err=True)
-    raise typer.Exit(code=3)
+    for path in _run(commands.sample, config_path, overrides):
+        typer.echo(path)
 
 
 def main() -> None:

@@ -52,6 +52,13 @@ def train(
     return run(config, config.cache_dir, config.outputs, config.load, num_workers, gpu, address)  # type: ignore[arg-type]
 
 
+def sample(config_path: str | Path, overrides: Mapping[str, Any]) -> list[Path]:
+    """Generate one mp4 per prompt; returns their paths."""
+    from pipelines.sample import sample as run
+
+    return run(load_config(config_path, "inference", overrides))  # type: ignore[arg-type]
+
+
 def demo_data(out_dir: str | Path, num: int = 24, seed: int = 0) -> Path:
     """Write the demo dataset; returns its data.csv."""
     # Imported here, not at the top: `sora --help` and config commands stay fast

@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says where and why."""
 
 
+CLEAR = object()
+"""An override value meaning "set this field to None" (None itself means "not given")."""
+
+
 Kind = Literal["train", "inference"]
 DType = Literal["fp32", "fp16", "bf16"]
 
@@ -701,7 +705,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], cls: typ
             if key not in valid:
                 raise ConfigError(_unknown_key(".".join(keys[: depth + 1]), key, valid))
             if depth == len(keys) - 1:
-                target[key] = list(value) if isinstance(value, tuple) else value
+                target[key] = None if value is CLEAR else list(value) if isinstance(value, tuple) else value
                 break
             section = target.setdefault(key, {})
             if not isinstance(section, dict):
