@@ -34,6 +34,7 @@ from pipelines.bucket_report import bucket_config_of
 from pipelines.config import ConfigError, TrainConfig
 from pipelines.dataset import read_table, resolve_paths, sample_id
 from pipelines.media import DecodeError, frame_indices, read_frames, resize_crop
+from pipelines.models import load_text_encoder, load_vae
 from pipelines.probe import ProbeError, probe
 from sora_model.loading import torch_dtype
 
@@ -178,20 +179,10 @@ class VaeEncode:
     """VAE stage: posterior mean and log-variance per sample, loaded once per actor."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from sora_model.vae import VideoAutoencoderKL
-
         torch.set_num_threads(max(1, int(config.preprocess.vae.num_cpus)))
         self.device = _device()
         compute = torch_dtype(config.dtype) if self.device.type == "cuda" else torch.float32
-        self.vae = VideoAutoencoderKL.from_pretrained(
-            config.vae.from_pretrained,
-            config.vae.micro_batch_size,
-            subfolder=config.vae.subfolder,
-            revision=config.vae.revision,
-            cache_dir=config.vae.cache_dir,
-            local_files_only=config.vae.local_files_only,
-            dtype=compute,
-        ).to(self.device)
+        self.vae = load_vae(config.vae, compute).to(self.device)
         self.store = torch_dtype(config.dtype)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -223,17 +214,9 @@ class TextEncode:
     """T5 stage: caption embeddings, real tokens only, loaded once per actor."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from sora_model.text_encoder import T5Encoder
-
         torch.set_num_threads(max(1, int(config.preprocess.text.num_cpus)))
         self.device = _device()
-        self.encoder = T5Encoder.from_pretrained(
-            config.text_encoder.from_pretrained,
-            config.text_encoder.model_max_length,
-            revision=config.text_encoder.revision,
-            cache_dir=config.text_encoder.cache_dir,
-            local_files_only=config.text_encoder.local_files_only,
-        )
+        self.encoder = load_text_encoder(config.text_encoder)
         self.encoder.model.to(self.device)
         self.store = torch_dtype(config.dtype)
 

@@ -50,11 +50,10 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
 
 def sample(config: InferenceConfig) -> list[Path]:
     """Generate one video per prompt into `save_dir`; returns their paths."""
+    from pipelines.models import load_text_encoder, load_vae
     from sora_model.diffusion import build_scheduler
     from sora_model.sizes import MODEL_SIZES, Family
     from sora_model.stdit import STDiT2, build_model
-    from sora_model.text_encoder import T5Encoder
-    from sora_model.vae import VideoAutoencoderKL
 
     if config.loop > 1 or config.reference_path or config.mask_strategy:
         raise ConfigError("long video (loop, reference_path, mask_strategy) is not implemented yet")
@@ -63,23 +62,9 @@ def sample(config: InferenceConfig) -> list[Path]:
     prompts = read_prompts(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(config.dtype) if device.type == "cuda" else torch.float32
-    text = T5Encoder.from_pretrained(
-        config.text_encoder.from_pretrained,
-        config.text_encoder.model_max_length,
-        revision=config.text_encoder.revision,
-        cache_dir=config.text_encoder.cache_dir,
-        local_files_only=config.text_encoder.local_files_only,
-    )
+    text = load_text_encoder(config.text_encoder)
     text.model.to(device)
-    vae = VideoAutoencoderKL.from_pretrained(
-        config.vae.from_pretrained,
-        config.vae.micro_batch_size,
-        subfolder=config.vae.subfolder,
-        revision=config.vae.revision,
-        cache_dir=config.vae.cache_dir,
-        local_files_only=config.vae.local_files_only,
-        dtype=dtype,
-    ).to(device)
+    vae = load_vae(config.vae, dtype).to(device)
     frames, height, width = vae.latent_size(config.num_frames, *config.image_size)
     options: dict = {"enable_flashattn": config.model.enable_flashattn}
     family = MODEL_SIZES[config.model.type].family
