@@ -1,10 +1,10 @@
-"""The VAE and text encoder a config names, loaded the same way everywhere."""
+"""The VAE, text encoder and diffusion transformer a config names, loaded the same way everywhere."""
 
 from __future__ import annotations
 
 import torch
 
-from pipelines.config import TextEncoderConfig, VaeConfig
+from pipelines.config import ConfigError, ModelConfig, TextEncoderConfig, VaeConfig
 
 
 def load_vae(config: VaeConfig, dtype: torch.dtype):
@@ -32,4 +32,33 @@ def load_text_encoder(config: TextEncoderConfig):
         revision=config.revision,
         cache_dir=config.cache_dir,
         local_files_only=config.local_files_only,
+    )
+
+
+def load_model(config: ModelConfig, caption_channels: int, model_max_length: int, latent_size=None):
+    """The diffusion transformer `config.type` names, with its weights when `from_pretrained` is set.
+
+    `latent_size` (T, H, W) is the fixed input size that STDiT and DiT build their position
+    embeddings for; STDiT2 takes any size and ignores it.
+    """
+    from sora_model.sizes import MODEL_SIZES, Family
+    from sora_model.stdit import build_model
+
+    options: dict = {"enable_flashattn": config.enable_flashattn}
+    family = MODEL_SIZES[config.type].family
+    if family is Family.STDIT2:
+        options |= {"qk_norm": config.qk_norm, "input_sq_size": config.input_sq_size}
+    else:
+        if latent_size is None:
+            raise ConfigError(f"model {config.type} has one fixed size: set image_size and num_frames")
+        options |= {"input_size": tuple(latent_size), "no_temporal_pos_emb": config.no_temporal_pos_emb}
+        if family is Family.STDIT:
+            options |= {"space_scale": config.space_scale, "time_scale": config.time_scale}
+    return build_model(
+        config.type,
+        caption_channels,
+        model_max_length,
+        from_pretrained=config.from_pretrained,
+        enable_layernorm_kernel=config.enable_layernorm_kernel,
+        **options,
     )

@@ -50,10 +50,9 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
 
 def sample(config: InferenceConfig) -> list[Path]:
     """Generate one video per prompt into `save_dir`; returns their paths."""
-    from pipelines.models import load_text_encoder, load_vae
+    from pipelines.models import load_model, load_text_encoder, load_vae
     from sora_model.diffusion import build_scheduler
-    from sora_model.sizes import MODEL_SIZES, Family
-    from sora_model.stdit import STDiT2, build_model
+    from sora_model.stdit import STDiT2
 
     if config.loop > 1 or config.reference_path or config.mask_strategy:
         raise ConfigError("long video (loop, reference_path, mask_strategy) is not implemented yet")
@@ -66,21 +65,7 @@ def sample(config: InferenceConfig) -> list[Path]:
     text.model.to(device)
     vae = load_vae(config.vae, dtype).to(device)
     frames, height, width = vae.latent_size(config.num_frames, *config.image_size)
-    options: dict = {"enable_flashattn": config.model.enable_flashattn}
-    family = MODEL_SIZES[config.model.type].family
-    if family is Family.STDIT2:
-        options |= {"qk_norm": config.model.qk_norm, "input_sq_size": config.model.input_sq_size}
-    else:
-        options |= {"input_size": (frames, height, width), "no_temporal_pos_emb": config.model.no_temporal_pos_emb}
-        if family is Family.STDIT:
-            options |= {"space_scale": config.model.space_scale, "time_scale": config.model.time_scale}
-    model = build_model(
-        config.model.type,
-        text.output_dim,
-        config.text_encoder.model_max_length,
-        config.model.from_pretrained,
-        **options,
-    )
+    model = load_model(config.model, text.output_dim, config.text_encoder.model_max_length, (frames, height, width))
     model = model.to(device=device, dtype=dtype).eval()
     scheduler = build_scheduler(
         config.scheduler.type,

@@ -30,6 +30,7 @@ import torch
 from pipelines import cache as C
 from pipelines.bucket_report import bucket_config_of
 from pipelines.config import ConfigError, TrainConfig, format_config
+from pipelines.models import load_model
 from pipelines.train_data import CacheBatches, EpochPlan, _seed, bucket_batch_size, plan_epoch
 
 CHECKPOINTS = "checkpoints"
@@ -157,31 +158,6 @@ def train(
 # --------------------------------------------------------------------------- inside each worker
 
 
-def _model_for(config: TrainConfig, caption_channels: int):
-    from sora_model.sizes import MODEL_SIZES, Family
-    from sora_model.stdit import build_model
-
-    options: dict[str, Any] = {"enable_flashattn": config.model.enable_flashattn}
-    family = MODEL_SIZES[config.model.type].family
-    if family is Family.STDIT2:
-        options |= {"qk_norm": config.model.qk_norm, "input_sq_size": config.model.input_sq_size}
-    else:
-        if config.image_size is None or config.num_frames is None:
-            raise ConfigError(f"model {config.model.type} trains one fixed size: set image_size and num_frames")
-        options["input_size"] = (config.num_frames, config.image_size[0] // 8, config.image_size[1] // 8)
-        options["no_temporal_pos_emb"] = config.model.no_temporal_pos_emb
-        if family is Family.STDIT:
-            options |= {"space_scale": config.model.space_scale, "time_scale": config.model.time_scale}
-    return build_model(
-        config.model.type,
-        caption_channels,
-        config.text_encoder.model_max_length,
-        from_pretrained=config.model.from_pretrained,
-        enable_layernorm_kernel=config.model.enable_layernorm_kernel,
-        **options,
-    )
-
-
 def _model_call(model, batch: dict[str, torch.Tensor]):
     """The diffusion's view of the model: (x_t, t, x_mask) -> output, the batch's caption bound."""
     from sora_model.stdit import STDiT2
@@ -220,7 +196,12 @@ def train_loop(loop: dict[str, Any]) -> None:
     caption_channels = C.sample_from_row(
         cache.table(cache.buckets()[0]).slice(0, 1).to_pylist()[0], ""
     ).text_embedding.shape[1]
-    model = _model_for(config, caption_channels)
+    fixed = (
+        None
+        if config.image_size is None or config.num_frames is None
+        else (config.num_frames, config.image_size[0] // 8, config.image_size[1] // 8)
+    )
+    model = load_model(config.model, caption_channels, config.text_encoder.model_max_length, fixed)
     if config.grad_checkpoint:  # applied from outside: the model code knows nothing of it
         for block in model.blocks:
             block.forward = _checkpointed(checkpoint, block.forward)
