@@ -54,8 +54,14 @@ demo: setup
 	$(BIN)/sora preprocess $(DEMO_DIR)/data/data.csv --config configs/debug/train.py --cache-dir $(DEMO_DIR)/cache
 	$(BIN)/sora bucket-report $(DEMO_DIR)/cache --config configs/debug/train.py --plot $(DEMO_DIR)/buckets.png
 	$(BIN)/sora train configs/debug/train.py --data-path $(DEMO_DIR)/cache --outputs $(DEMO_DIR)/outputs --num-workers 2
-	$(BIN)/sora sample configs/debug/inference.py --ckpt-path $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) \
-	  --save-dir $(DEMO_DIR)/samples
+	$(BIN)/sora sample configs/debug/inference.py --ckpt-path $(DEMO_DIR)/outputs --save-dir $(DEMO_DIR)/samples
+	@# Long video: 3 clips of 8 frames, 2 carried over (20 frames), conditioned on demo files:
+	@# an image as the first frame; a clip's first 4 frames to open, the image to close (half edited).
+	$(BIN)/sora sample configs/debug/inference.py --ckpt-path $(DEMO_DIR)/outputs --save-dir $(DEMO_DIR)/samples-long \
+	  --prompt "an orange circle on a white background" --prompt "an orange circle moves right on a purple background" \
+	  --loop 3 --condition-frame-length 2 --batch-size 2 \
+	  --reference-path $(DEMO_DIR)/data/image_017.png --mask-strategy "0,0,0,1,0" \
+	  --reference-path "$(DEMO_DIR)/data/clip_002.mp4;$(DEMO_DIR)/data/image_017.png" --mask-strategy "0,0,0,4,0;1,2,0,1,-1,0.5"
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
 	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
@@ -63,7 +69,10 @@ demo: setup
 	@echo "cache:            $(DEMO_DIR)/cache (manifest.json, buckets/, rejects.arrow, probe.arrow)"
 	@echo "bucket report:    above, and drawn in $(DEMO_DIR)/buckets.png"
 	@echo "trained model:    $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) (losses.jsonl, tensorboard/ beside it)"
-	@echo "sampled videos:   $(DEMO_DIR)/samples/*.mp4"
+	@echo "sampled videos:   $$(ls $(DEMO_DIR)/samples/*.mp4 | tr '\n' ' ')"
+	@echo "long videos:      $$(ls $(DEMO_DIR)/samples-long/*.mp4 | tr '\n' ' ')(20 frames: 3 clips, conditioned on demo files)"
+	@echo
+	@echo "serve it over HTTP:  $(BIN)/serve run configs/serve.yaml   (then see README, Serving)"
 
 lint: setup
 	$(BIN)/ruff check .

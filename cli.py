@@ -27,8 +27,8 @@ CkptOpt = Annotated[
     str | None,
     typer.Option(
         "--ckpt-path",
-        help="Model weights: a `sora train` checkpoint folder, a safetensors file or an Open-Sora .pth "
-        "(sets model.from_pretrained).",
+        help="Model weights: a `sora train` checkpoint folder, an experiment or --outputs folder (its newest "
+        "checkpoint), a safetensors file or an Open-Sora .pth (sets model.from_pretrained).",
     ),
 ]
 
@@ -146,7 +146,16 @@ def train(
     typer.echo(f"experiment: {experiment}")
 
 
-@app.command("sample")
+SAMPLE_HELP = (
+    "Generate videos from prompts with a trained model: one mp4 per prompt in save_dir.\n\n"
+    "Long video (the seed's Inference-long): --loop clips, each starting from the last "
+    "--condition-frame-length frames of the one before. --reference-path and --mask-strategy insert "
+    "frames of images or videos at chosen places (image-to-video, video extension). "
+    "Every input is checked before a model loads."
+)
+
+
+@app.command("sample", help=SAMPLE_HELP)
 def sample(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Inference config file.")],
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")] = None,
@@ -162,18 +171,32 @@ def sample(
     cfg_scale: Annotated[float | None, typer.Option("--cfg-scale", help="Guidance scale.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per batch.")] = None,
-    loop: Annotated[int | None, typer.Option("--loop", help="Long video: number of clips.")] = None,
+    loop: Annotated[
+        int | None,
+        typer.Option("--loop", help="Long video: clips to generate; total frames = loop x (N - C) + C."),
+    ] = None,
     condition_frame_length: Annotated[
-        int | None, typer.Option("--condition-frame-length", help="Long video: frames carried over.")
+        int | None,
+        typer.Option("--condition-frame-length", help="Long video: last frames of a clip (C) that start the next."),
     ] = None,
     reference_path: Annotated[
-        list[str] | None, typer.Option("--reference-path", help="Per prompt: ';'-separated media.")
+        list[str] | None,
+        typer.Option(
+            "--reference-path",
+            help="Per prompt (repeat in prompt order; '' for none): ';'-separated images/videos to condition on.",
+        ),
     ] = None,
     mask_strategy: Annotated[
-        list[str] | None, typer.Option("--mask-strategy", help="Per prompt: ';'-separated tuples.")
+        list[str] | None,
+        typer.Option(
+            "--mask-strategy",
+            help="Per prompt (repeat in prompt order; '' for none): ';'-separated tuples "
+            "ref_index,loop_index,ref_start_frame,num_frames,target_location[,edit_ratio]; "
+            "e.g. '0,0,0,1,0' puts the first reference's first frame first.",
+        ),
     ] = None,
 ) -> None:
-    """Generate videos from prompts with a trained model (long video included)."""
+    """Generate videos from prompts with a trained model: one mp4 per prompt in save_dir."""
     overrides = {
         # --prompt-path alone replaces the config's prompt list, as the seed's override does.
         "prompt": prompt or (CLEAR if prompt_path else None),
@@ -189,8 +212,9 @@ def sample(
         "batch_size": batch_size,
         "loop": loop,
         "condition_frame_length": condition_frame_length,
-        "reference_path": reference_path or None,
-        "mask_strategy": mask_strategy or None,
+        # One entry per prompt; an empty entry ('') is a prompt without conditioning.
+        "reference_path": [entry or None for entry in reference_path] if reference_path else None,
+        "mask_strategy": [entry or None for entry in mask_strategy] if mask_strategy else None,
     }
     for path in _run(commands.sample, config_path, overrides):
         typer.echo(path)

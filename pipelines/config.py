@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from bucketing.config import BucketConfigError, parse_bucket_config
+from sora_model.mask_strategy import ConditionError, LongVideo, parse_mask_strategy
 from sora_model.sizes import MODEL_SIZES
 
 
@@ -273,11 +274,15 @@ class InferenceConfig:
                     f"{name}: {len(per_prompt)} entries for {len(self.prompt)} prompts; give one per prompt "
                     "(None for a prompt without conditioning)"
                 )
-        if self.loop > 1 and not 0 < self.condition_frame_length < self.num_frames:
-            raise ConfigError(
-                f"condition_frame_length must be between 1 and num_frames - 1 ({self.num_frames - 1}) "
-                f"when loop > 1, got {self.condition_frame_length}"
-            )
+        try:
+            self.long_video  # noqa: B018  (checks loop and condition_frame_length)
+            for index, strategy in enumerate(self.mask_strategy or ()):
+                try:
+                    parse_mask_strategy(strategy)
+                except ConditionError as error:
+                    raise ConditionError(f"mask_strategy[{index}]: {error}") from None
+        except ConditionError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def save_fps(self) -> int:
@@ -285,11 +290,9 @@ class InferenceConfig:
         return max(1, self.fps // self.frame_interval)
 
     @property
-    def total_frames(self) -> int:
-        """Frames of the whole (long) video: loop x (num_frames - condition) + condition."""
-        if self.loop == 1:
-            return self.num_frames
-        return self.loop * (self.num_frames - self.condition_frame_length) + self.condition_frame_length
+    def long_video(self) -> LongVideo:
+        """The clip layout: loop x (num_frames - condition_frame_length) + condition_frame_length frames."""
+        return LongVideo(self.num_frames, self.loop, self.condition_frame_length)
 
 
 CONFIG_CLASSES: dict[str, type] = {"train": TrainConfig, "inference": InferenceConfig}

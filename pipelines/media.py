@@ -40,7 +40,7 @@ def read_frames(path: str | Path, indices: np.ndarray) -> np.ndarray:
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         try:
             with Image.open(path) as image:
-                return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))[None]
+                return np.array(ImageOps.exif_transpose(image).convert("RGB"))[None]  # writable, for torch
         except (OSError, SyntaxError, ValueError) as error:
             raise DecodeError(f"cannot decode image: {error}") from None
     try:

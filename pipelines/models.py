@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 from pipelines.config import ConfigError, ModelConfig, TextEncoderConfig, VaeConfig
+
+# `sora train` writes <outputs>/NNN-<model>/checkpoints/step-NNNNNNN/ and marks each one
+# COMPLETE once every worker's files are in.
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete `step-*` checkpoint of an experiment (or the folder itself if it is one)."""
+    folder = Path(folder)
+    if (folder / "state.json").is_file():
+        return folder
+    found = sorted((folder / CHECKPOINTS).glob("step-*")) if (folder / CHECKPOINTS).is_dir() else []
+    found = [path for path in found if (path / COMPLETE).is_file()]
+    return found[-1] if found else None
+
+
+def resolve_weights(path: str) -> str:
+    """What `--ckpt-path` names: a file or checkpoint folder as is; an experiment folder or a
+    `sora train --outputs` folder as its newest complete checkpoint (newest experiment first)."""
+    folder = Path(path)
+    if not folder.is_dir() or (folder / "state.json").is_file():
+        return path
+    experiments = sorted(p for p in folder.iterdir() if p.is_dir() and re.match(r"\d{3}-", p.name))
+    for candidate in [folder, *reversed(experiments)]:
+        checkpoint = latest_checkpoint(candidate)
+        if checkpoint is not None:
+            return str(checkpoint)
+    return path  # a folder of weights (safetensors, pytorch_model.bin), or an error from the loader
 
 
 def load_vae(config: VaeConfig, dtype: torch.dtype):
@@ -58,7 +90,7 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
         config.type,
         caption_channels,
         model_max_length,
-        from_pretrained=config.from_pretrained,
+        from_pretrained=None if config.from_pretrained is None else resolve_weights(config.from_pretrained),
         enable_layernorm_kernel=config.enable_layernorm_kernel,
         **options,
     )

@@ -1,8 +1,21 @@
-"""`sora sample`: prompts -> T5 -> diffusion with guidance -> VAE decode -> one H.264 mp4 per prompt."""
+"""`sora sample`: prompts -> T5 -> diffusion with guidance -> VAE decode -> one H.264 mp4 per prompt.
+
+The same pieces serve HTTP requests (`pipelines/serve.py`):
+
+- `prepare_item` reads a prompt's reference images/videos and checks its mask strategy
+  against them and the clip layout: every error a user can make surfaces here, before a
+  model is loaded or a step is sampled;
+- `Sampler` holds the models of an inference config, loaded once, and turns prepared items
+  into videos, clip by clip for long video (`sora_model.long_video`).
+"""
 
 from __future__ import annotations
 
+import io
 import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -10,7 +23,36 @@ import numpy as np
 import torch
 
 from pipelines.config import ConfigError, InferenceConfig
+from pipelines.media import DecodeError, read_frames, resize_crop
+from pipelines.probe import ProbeError, probe
 from sora_model.loading import torch_dtype
+from sora_model.mask_strategy import ConditionError, MaskTuple, check_strategy, frames_needed, parse_mask_strategy
+from sora_model.sizes import MODEL_SIZES, Family
+
+
+class FieldError(ConfigError):
+    """A sampling input that cannot be used; `field` names it (for HTTP error bodies)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    """One prompt, ready to sample: its mask tuples and the reference frames they take.
+
+    `references[i]` is (3, F, H, W) in [-1, 1]: frames `first_frames[i]` .. of reference i,
+    fitted to the sampling size (scaled to cover, centre-cropped), as Open-Sora does.
+    """
+
+    prompt: str
+    masks: tuple[MaskTuple, ...] = ()
+    references: tuple[torch.Tensor, ...] = ()
+    first_frames: tuple[int, ...] = ()
+
+
+# --------------------------------------------------------------------------- inputs
 
 
 def read_prompts(config: InferenceConfig) -> list[str]:
@@ -28,79 +70,244 @@ def read_prompts(config: InferenceConfig) -> list[str]:
     return prompts
 
 
+def check_sampling(config: InferenceConfig, conditioned: bool) -> None:
+    """What the model and scheduler must support for this config (before anything loads)."""
+    height, width = config.image_size
+    if height % 16 or width % 16:
+        raise FieldError("image_size", f"image_size {config.image_size}: height and width must be multiples of 16")
+    if not conditioned:
+        return
+    if MODEL_SIZES[config.model.type].family is Family.DIT:
+        raise FieldError("mask_strategy", f"model {config.model.type} cannot condition on frames; use an STDiT model")
+    if config.scheduler.type != "iddpm":
+        raise FieldError(
+            "scheduler.type",
+            f"scheduler {config.scheduler.type!r} cannot condition on frames (loop > 1, mask_strategy): use 'iddpm'",
+        )
+
+
+def check_fixed_size(built: InferenceConfig, config: InferenceConfig) -> None:
+    """STDiT-XL/2 and DiT-XL/2 sample at the size their models were `built` for only."""
+    fixed = (built.num_frames, tuple(built.image_size))
+    if MODEL_SIZES[built.model.type].family is not Family.STDIT2 and (config.num_frames, config.image_size) != fixed:
+        raise FieldError(
+            "num_frames" if config.num_frames != fixed[0] else "image_size",
+            f"model {built.model.type} samples {fixed[0]} frames of {fixed[1][0]}x{fixed[1][1]} only",
+        )
+
+
+def prepare_item(
+    prompt: str,
+    media: Sequence[Path],
+    strategy: str | None,
+    config: InferenceConfig,
+    media_labels: Sequence[str],
+    strategy_field: str = "mask_strategy",
+) -> SampleItem:
+    """Read and check one prompt's conditioning; errors name the field, the entry and the tuple.
+
+    `media` are files (images or videos); `media_labels[i]` names entry i in messages (and
+    is the field of its errors).
+    """
+    try:
+        masks = parse_mask_strategy(strategy)
+    except ConditionError as error:
+        raise FieldError(strategy_field, f"{strategy_field}: {error}") from None
+    counts = []
+    for path, label in zip(media, media_labels, strict=True):
+        try:
+            counts.append(probe(path).num_frames)
+        except ProbeError as error:
+            # The label names the file; the detail without its folder (never a server's path).
+            detail = error.detail.replace(str(path), path.name)
+            raise FieldError(label, f"{label}: {error.reason}" + (f" ({detail})" if detail else "")) from None
+    try:
+        check_strategy(masks, counts, config.long_video)
+    except ConditionError as error:
+        raise FieldError(strategy_field, f"{strategy_field}: {error}") from None
+    references, first_frames = [], []
+    for index, (path, label) in enumerate(zip(media, media_labels, strict=True)):
+        span = frames_needed(masks, index)
+        try:
+            frames = read_frames(path, np.arange(span.start, span.stop))
+        except DecodeError as error:
+            raise FieldError(label, f"{label}: {error}".replace(str(path), path.name)) from None
+        references.append(resize_crop(frames, *config.image_size))  # (3, F, H, W)
+        first_frames.append(span.start)
+    return SampleItem(prompt, tuple(masks), tuple(references), tuple(first_frames))
+
+
+def _per_prompt(config: InferenceConfig, name: str, count: int) -> list[str | None]:
+    values = getattr(config, name)
+    if values is None:
+        return [None] * count
+    if len(values) != count:
+        raise ConfigError(f"{name}: {len(values)} entries for {count} prompts; give one per prompt (None to skip)")
+    return list(values)
+
+
+def prepare_prompts(config: InferenceConfig) -> list[SampleItem]:
+    """The config's prompts with their `reference_path` / `mask_strategy` entries, checked."""
+    prompts = read_prompts(config)
+    paths = _per_prompt(config, "reference_path", len(prompts))
+    strategies = _per_prompt(config, "mask_strategy", len(prompts))
+    check_sampling(config, config.loop > 1 or any(strategies))
+    items = []
+    for index, (prompt, entry, strategy) in enumerate(zip(prompts, paths, strategies, strict=True)):
+        media = [Path(part.strip()) for part in (entry or "").split(";") if part.strip()]
+        labels = [f"reference_path[{index}] entry {i} ({path})" for i, path in enumerate(media)]
+        for path, label in zip(media, labels, strict=True):
+            if "://" in str(path):
+                raise FieldError(label, f"{label}: a URL; download the file and give its path")
+        items.append(prepare_item(prompt, media, strategy, config, labels, strategy_field=f"mask_strategy[{index}]"))
+    return items
+
+
+# --------------------------------------------------------------------------- outputs
+
+
 def video_name(index: int, prompt: str) -> str:
     """Stable file names: index and the first words of the prompt."""
     words = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:40]
     return f"sample_{index:03d}_{words or 'prompt'}.mp4"
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
-    """(T, H, W, 3) uint8 -> H.264 mp4, written under a temporary name and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "x264-params": "threads=1"})
+def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
+    """(T, H, W, 3) uint8 -> the bytes of an H.264 mp4; the same frames give the same bytes."""
+    buffer = io.BytesIO()
+    # x264's macroblock-tree rate control gave different bytes for the same frames from one
+    # call to the next (seen on noisy frames, in threads); without it the output is stable.
+    options = {"crf": "18", "x264-params": "threads=1:mbtree=0"}
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return buffer.getvalue()
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
+    """Write an mp4 under a temporary name and rename it: no partial file is ever visible."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encode_mp4(frames, fps))
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class Sampler:
+    """The VAE, T5 and diffusion transformer of an inference config, loaded once.
+
+    Sizes, steps, guidance, seed and loop come with each call, so one Sampler serves many
+    requests. STDiT-XL/2 and DiT-XL/2 have one fixed size (the config's).
+    """
+
+    def __init__(self, config: InferenceConfig, device: str | torch.device | None = None) -> None:
+        from pipelines.models import load_model, load_text_encoder, load_vae
+
+        self.config = config
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Half precision only on a GPU; on CPU it is slower and less exact.
+        self.dtype = torch_dtype(config.dtype) if self.device.type == "cuda" else torch.float32
+        self.text = load_text_encoder(config.text_encoder)
+        self.text.model.to(self.device)
+        self.vae = load_vae(config.vae, self.dtype).to(self.device)
+        latent = self.vae.latent_size(config.num_frames, *config.image_size)
+        self.model = load_model(config.model, self.text.output_dim, config.text_encoder.model_max_length, latent)
+        self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.family = MODEL_SIZES[config.model.type].family
+
+    @torch.no_grad()
+    def generate(
+        self,
+        items: Sequence[SampleItem],
+        config: InferenceConfig | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Videos (B, frames, H, W, 3) uint8 for a batch of prepared items.
+
+        `config` gives the sampling settings (default: the one the models were loaded
+        with); `seed` (default: the config's) makes the result reproducible.
+        """
+        from sora_model.diffusion import build_scheduler
+        from sora_model.long_video import sample_long
+
+        config = config or self.config
+        check_fixed_size(self.config, config)
+        device, dtype, batch = self.device, self.dtype, len(items)
+        scheduler = build_scheduler(
+            config.scheduler.type,
+            config.scheduler.num_sampling_steps,
+            config.scheduler.cfg_scale,
+            config.scheduler.cfg_channel,
+        )
+        y, y_mask = self.text.encode([item.prompt for item in items])  # (B, L, D), (B, L)
+        both = torch.cat([y.to(dtype), self.model.null_caption(batch, y.shape[1]).to(device=device, dtype=dtype)])
+        extra = {}
+        if self.family is Family.STDIT2:
+            full = lambda value: torch.full((2 * batch,), float(value), device=device)  # noqa: E731
+            extra = {"height": full(config.image_size[0]), "width": full(config.image_size[1]),
+                     "num_frames": full(config.num_frames), "fps": full(config.save_fps)}  # fmt: skip
+
+        def model_fn(x, t, x_mask):  # the guidance batch: [prompts; null captions]
+            return self.model(x.to(dtype), t, both, y_mask, x_mask, **extra).float()
+
+        conditions = [self._encode_references(item) if item.masks else None for item in items]
+        channels = self.vae.out_channels
+        shape = (channels, *self.vae.latent_size(config.num_frames, *config.image_size))  # (C, T, h, w)
+        # One generator per batch: the same seed gives the same videos.
+        generator = torch.Generator(device=device).manual_seed(config.seed if seed is None else seed)
+
+        def sample_clip(reference, edit):
+            noise = torch.randn((batch, *shape), generator=generator, device=device)
+            return scheduler.sample(model_fn, noise, reference, edit, generator=generator, progress=progress)
+
+        latents = sample_long(sample_clip, conditions, config.long_video, shape, device)
+        video = self.vae.decode(latents.to(dtype)).float()  # (B, 3, T, H, W) in about [-1, 1]
+        pixels = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
+
+    def _encode_references(self, item: SampleItem):
+        from sora_model.long_video import Conditioning
+
+        latents = tuple(
+            self.vae.encode_moments(frames[None].to(self.device, self.dtype))[0][0].float()  # the posterior mean
+            for frames in item.references
+        )
+        return Conditioning(item.masks, latents, item.first_frames)
 
 
 def sample(config: InferenceConfig) -> list[Path]:
     """Generate one video per prompt into `save_dir`; returns their paths."""
-    from pipelines.models import load_model, load_text_encoder, load_vae
-    from sora_model.diffusion import build_scheduler
-    from sora_model.stdit import STDiT2
+    from pipelines.models import resolve_weights
 
-    if config.loop > 1 or config.reference_path or config.mask_strategy:
-        raise ConfigError("long video (loop, reference_path, mask_strategy) is not implemented yet")
-    if any(side % 16 for side in config.image_size):
-        raise ConfigError(f"image_size {config.image_size}: height and width must be multiples of 16")
-    prompts = read_prompts(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch_dtype(config.dtype) if device.type == "cuda" else torch.float32
-    text = load_text_encoder(config.text_encoder)
-    text.model.to(device)
-    vae = load_vae(config.vae, dtype).to(device)
-    frames, height, width = vae.latent_size(config.num_frames, *config.image_size)
-    model = load_model(config.model, text.output_dim, config.text_encoder.model_max_length, (frames, height, width))
-    model = model.to(device=device, dtype=dtype).eval()
-    scheduler = build_scheduler(
-        config.scheduler.type,
-        config.scheduler.num_sampling_steps,
-        config.scheduler.cfg_scale,
-        config.scheduler.cfg_channel,
-    )
+    items = prepare_prompts(config)  # every input checked before a model loads
+    if config.model.from_pretrained is None:
+        print("note: model.from_pretrained is not set: sampling with untrained weights (pass --ckpt-path)",
+              file=sys.stderr)  # fmt: skip
+    else:
+        print(f"weights: {resolve_weights(config.model.from_pretrained)}", file=sys.stderr)
+    sampler = Sampler(config)
     save_dir = Path(config.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
+    frames = config.long_video.total_frames
     written = []
-    for start in range(0, len(prompts), config.batch_size):
-        batch = prompts[start : start + config.batch_size]
-        y, y_mask = text.encode(batch)  # (B, L, D), (B, L)
-        y = y.to(dtype)
-        null = model.null_caption(len(batch), y.shape[1]).to(device=device, dtype=dtype)
-        extra = {}
-        if isinstance(model, STDiT2):
-            count = 2 * len(batch)  # the guidance batch: [prompts; null captions]
-            full = lambda value, n=count: torch.full((n,), float(value), device=device)  # noqa: E731
-            extra = {"height": full(config.image_size[0]), "width": full(config.image_size[1]),
-                     "num_frames": full(config.num_frames), "fps": full(config.save_fps)}  # fmt: skip
-        both = torch.cat([y, null])
-
-        def model_fn(x, t, x_mask, both=both, y_mask=y_mask, extra=extra):
-            return model(x.to(dtype), t, both, y_mask, x_mask, **extra).float()
-
-        # One generator per batch, seeded by (seed, batch): the same seed gives the same videos.
-        generator = torch.Generator(device=device).manual_seed(config.seed + start)
-        noise = torch.randn((len(batch), vae.out_channels, frames, height, width), generator=generator, device=device)
-        with torch.no_grad():
-            latents = scheduler.sample(model_fn, noise, generator=generator)
-            video = vae.decode(latents.to(dtype)).float()  # (B, 3, T, H, W) in about [-1, 1]
-        pixels = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-        for offset, prompt in enumerate(batch):
-            path = save_dir / video_name(start + offset, prompt)
-            write_mp4(pixels[offset], path, config.save_fps)
+    for start in range(0, len(items), config.batch_size):
+        batch = items[start : start + config.batch_size]
+        print(
+            f"sampling {start + 1}-{start + len(batch)} of {len(items)}: {frames} frames of "
+            f"{config.image_size[0]}x{config.image_size[1]}" + (f" in {config.loop} clips" if config.loop > 1 else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        videos = sampler.generate(batch, config, seed=config.seed + start, progress=sys.stderr.isatty())
+        for offset, item in enumerate(batch):
+            path = save_dir / video_name(start + offset, item.prompt)
+            write_mp4(videos[offset], path, config.save_fps)
             written.append(path)
     return written

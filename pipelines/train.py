@@ -30,11 +30,8 @@ import torch
 from pipelines import cache as C
 from pipelines.bucket_report import bucket_config_of
 from pipelines.config import ConfigError, TrainConfig, format_config
-from pipelines.models import load_model
+from pipelines.models import CHECKPOINTS, COMPLETE, latest_checkpoint, load_model
 from pipelines.train_data import CacheBatches, EpochPlan, _seed, bucket_batch_size, plan_epoch
-
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"  # written into a checkpoint folder once every worker's files are in
 
 
 @dataclass(frozen=True)
@@ -77,16 +74,6 @@ def _experiment_dir(outputs: Path, model_type: str) -> Path:
     outputs.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in outputs.iterdir() if (m := re.match(r"(\d{3})-", p.name))]
     return outputs / f"{max(taken, default=-1) + 1:03d}-{model_type.replace('/', '-')}"
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest `step-*` checkpoint folder in an experiment (or the folder itself if it is one)."""
-    folder = Path(folder)
-    if (folder / "state.json").is_file():
-        return folder
-    found = sorted((folder / CHECKPOINTS).glob("step-*")) if (folder / CHECKPOINTS).is_dir() else []
-    found = [path for path in found if (path / COMPLETE).is_file()]
-    return found[-1] if found else None
 
 
 def train(

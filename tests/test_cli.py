@@ -55,10 +55,14 @@ def test_sample_help_shows_the_seed_override_flags():
         assert flag in text
 
 
-def test_long_video_says_not_yet():
-    result = sora("sample", "configs/debug/inference.py", "--loop", "2")
+def test_a_malformed_mask_strategy_flag_is_one_line_naming_the_tuple():
+    result = sora("sample", "configs/debug/inference.py", "--mask-strategy", "0,0,0,1;0,0,0,1,0", "--prompt", "a")
     assert result.returncode == 2
-    assert "long video (loop, reference_path, mask_strategy) is not implemented yet" in result.stderr
+    assert result.stderr.strip() == (
+        'error: command line: mask_strategy[0]: tuple 0 "0,0,0,1": 4 numbers; expected 5 or 6: '
+        "ref_index,loop_index,ref_start_frame,num_frames,target_location[,edit_ratio] (Open-Sora 1.1 files use "
+        'the order loop,ref,ref_start,target_start,length; if this is one, write it as "0,0,0,1,1")'
+    )
 
 
 def test_config_prints_the_resolved_config():

@@ -80,7 +80,11 @@ def test_seed_arithmetic_is_evaluated():
 # --------------------------------------------------------------------------- Open-Sora's files
 
 
-@pytest.mark.parametrize("path", OPENSORA_FILES, ids=lambda p: p.name)
+# Open-Sora 1.1's sample-ref.py writes mask_strategy in 1.1's own tuple order, not the seed's.
+OPENSORA_1_1_ORDER = "v1_1_inference_sample_ref.py"
+
+
+@pytest.mark.parametrize("path", [p for p in OPENSORA_FILES if p.name != OPENSORA_1_1_ORDER], ids=lambda p: p.name)
 def test_opensora_files_load_unchanged(path: Path):
     config = load_config(path, notice=lambda message: None)
     assert isinstance(config, TrainConfig if expected_kind(path) == "train" else InferenceConfig)
@@ -106,9 +110,25 @@ def test_opensora_1_1_inference_keys():
     config = load_config(folder / "v1_1_inference_sample.py", notice=notices.append)
     assert config.save_fps == 8  # fps 24 // frame_interval 3, as Open-Sora 1.1 saves
     assert [n for n in notices if "multi_resolution" in n]
-    long = load_config(folder / "v1_1_inference_sample_ref.py", notice=lambda m: None)
-    assert long.loop == 2 and long.total_frames == 2 * (16 - 4) + 4
-    assert long.reference_path[1] is None and long.mask_strategy[0] == "0,0,0,0,8,0.3"
+
+
+def test_opensora_1_1_mask_strategy_order_is_refused_with_the_seed_spelling(tmp_path: Path):
+    """1.1 writes loop,ref,ref_start,target_start,length; the seed (and this project) ref,loop,ref_start,length,target.
+
+    Read silently, "0,0,0,0,8,0.3" would insert 0 frames at frame 8; the error says how to write it instead.
+    """
+    original = OPENSORA_FILES[0].parent / OPENSORA_1_1_ORDER
+    with pytest.raises(ConfigError) as caught:
+        load_config(original, notice=lambda m: None)
+    message = str(caught.value)
+    assert message.startswith(f'{original}: mask_strategy[0]: tuple 0 "0,0,0,0,8,0.3": num_frames must be 1 or more')
+    assert 'write it as "0,0,0,8,0,0.3"' in message
+    # Rewritten as the errors say (the "0" of the third prompt is 1.1's short form of "0,0,0,1,0"),
+    # the file loads, and the long-video fields read as the seed defines them.
+    fixed = original.read_text().replace('"0,0,0,0,8,0.3"', '"0,0,0,8,0,0.3"').replace('    "0",', '    "0,0,0,1,0",')
+    long = load_config(write(tmp_path, fixed, "sample_ref.py"), "inference", notice=lambda m: None)
+    assert long.loop == 2 and long.long_video.total_frames == 2 * (16 - 4) + 4
+    assert long.reference_path[1] is None and long.mask_strategy == ("0,0,0,8,0,0.3", None, "0,0,0,1,0")
 
 
 def test_v1_0_inference_fps_is_the_saved_rate():

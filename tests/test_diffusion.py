@@ -100,6 +100,15 @@ def test_sampling_with_an_oracle_recovers_the_target():
     assert (sample - target).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("steps", ["1", "2"])
+def test_sampling_in_one_or_two_steps_lands_on_the_oracles_target(steps):
+    diffusion = GaussianDiffusion.spaced(steps, 1000)
+    target = torch.rand(SHAPE) * 2 - 1
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    sample = diffusion.sample(oracle(diffusion, target), noise, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(sample).all() and (sample - target).abs().max() < 0.05
+
+
 def test_sampling_is_deterministic_for_a_seed():
     diffusion = GaussianDiffusion.spaced("10", 1000)
     model = oracle(diffusion, torch.zeros(SHAPE))

@@ -39,6 +39,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
             "tensorboardX",
             "wandb",  # optional: only when wandb=True and installed
             "matplotlib",
+            "starlette",  # Ray Serve's request and response types (installed with ray[serve])
         },
         {"bucketing", "sora_model", "pipelines"},
     ),

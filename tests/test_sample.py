@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import decord
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT, run_sora
 
@@ -55,3 +57,175 @@ def test_sample_needs_prompts(debug_models, tmp_path):
     config = inference_config(tmp_path, debug_models)
     result = run_sora("sample", str(config), "--prompt-path", str(tmp_path / "none.txt"))
     assert result.returncode == 2 and "prompt file not found" in result.stderr
+
+
+# --------------------------------------------------------------------------- long video and conditioning
+
+
+def reference_media(folder: Path) -> tuple[Path, Path]:
+    """A 200x300 PNG (a yellow disc on blue) and a 12-frame mp4 of a moving bar."""
+    from PIL import Image, ImageDraw
+
+    from pipelines.sample import write_mp4
+
+    image_path = folder / "still.png"
+    image = Image.new("RGB", (300, 200), (20, 40, 200))
+    ImageDraw.Draw(image).ellipse((100, 50, 200, 150), fill=(250, 220, 0))
+    image.save(image_path)
+    frames = np.zeros((12, 96, 128, 3), np.uint8)
+    for index in range(12):
+        frames[index, :, 8 * index : 8 * index + 16] = (200, 30, 30)
+    video_path = folder / "bar.mp4"
+    write_mp4(frames, video_path, 8)
+    return image_path, video_path
+
+
+def load_inference(folder: Path, models: dict[str, Path], overrides: dict):
+    from pipelines.config import load_config
+
+    return load_config(inference_config(folder, models), "inference", overrides)
+
+
+def test_long_video_frame_count_follows_the_formula(debug_models, tmp_path):
+    image, video = reference_media(tmp_path)
+    config = inference_config(tmp_path, debug_models)
+    result = run_sora(
+        "sample", str(config), "--prompt", "a yellow disc", "--prompt", "a red bar moves right",
+        "--num-frames", "5", "--image-size", "64", "64", "--num-sampling-steps", "2",
+        "--loop", "3", "--condition-frame-length", "2", "--batch-size", "2",
+        "--reference-path", str(image), "--reference-path", f"{video};{image}",
+        "--mask-strategy", "0,0,0,1,0", "--mask-strategy", "0,0,4,3,0;1,2,0,1,-1,0.5",
+        "--save-dir", str(tmp_path / "long"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in result.stdout.split():
+        assert frames_of(Path(path)).shape == (3 * (5 - 2) + 2, 64, 64, 3)
+
+
+def test_image_to_video_starts_from_the_reference(debug_models, tmp_path):
+    """The conditioned first frame is the reference after the VAE round trip; unconditioned it is not."""
+    import torch
+
+    from pipelines.media import read_frames, resize_crop
+    from pipelines.sample import Sampler, prepare_prompts
+
+    image, _ = reference_media(tmp_path)
+    sizes = {"num_frames": 4, "image_size": (64, 96), "scheduler.num_sampling_steps": 3, "prompt": ["a disc"]}
+    plain = load_inference(tmp_path, debug_models, sizes)
+    conditioned = load_inference(
+        tmp_path, debug_models, {**sizes, "reference_path": [str(image)], "mask_strategy": ["0,0,0,1,0"]}
+    )
+    sampler = Sampler(plain)
+    with_image = sampler.generate(prepare_prompts(conditioned), conditioned)[0].astype(float)  # (T, H, W, 3)
+    without = sampler.generate(prepare_prompts(plain), plain)[0].astype(float)
+    pixels = resize_crop(read_frames(image, np.array([0])), 64, 96)[None]  # (1, 3, 1, H, W)
+    with torch.no_grad():
+        round_trip = sampler.vae.decode(sampler.vae.encode_moments(pixels)[0])
+    expected = ((round_trip.clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0).numpy()
+    assert np.abs(with_image[0] - expected).mean() < 0.5
+    assert np.abs(without[0] - expected).mean() > 10
+    # The later frames are generated, not copies of the reference.
+    assert np.abs(with_image[-1] - expected).mean() > 10
+
+
+def test_conditioned_mp4_from_the_cli_starts_near_the_reference(debug_models, tmp_path):
+    image, _ = reference_media(tmp_path)
+    config = inference_config(tmp_path, debug_models)
+    common = ["sample", str(config), "--prompt", "a disc", "--num-frames", "4", "--image-size", "64", "96",
+              "--num-sampling-steps", "3"]  # fmt: skip
+    plain = run_sora(*common, "--save-dir", str(tmp_path / "plain"))
+    conditioned = run_sora(
+        *common, "--reference-path", str(image), "--mask-strategy", "0,0,0,1,0", "--save-dir", str(tmp_path / "cond")
+    )
+    assert plain.returncode == 0 and conditioned.returncode == 0, conditioned.stderr[-3000:]
+    first_plain = frames_of(Path(plain.stdout.split()[0]))[0].astype(float)
+    first_cond = frames_of(Path(conditioned.stdout.split()[0]))[0].astype(float)
+    second_cond = frames_of(Path(conditioned.stdout.split()[0]))[1].astype(float)
+    # H.264 blurs the debug VAE's noisy texture (about 11 levels of 255), so compare with margins.
+    from pipelines.media import read_frames, resize_crop
+    from sora_model.vae import VideoAutoencoderKL
+
+    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]))
+    pixels = resize_crop(read_frames(image, np.array([0])), 64, 96)[None]
+    decoded = vae.decode(vae.encode_moments(pixels)[0])
+    expected = ((decoded.clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0).numpy()
+    near = np.abs(first_cond - expected).mean()
+    assert near < 0.5 * np.abs(first_plain - expected).mean()
+    assert near < 0.5 * np.abs(second_cond - expected).mean()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mask-strategy", "0,0,0,1"], 'mask_strategy[0]: tuple 0 "0,0,0,1": 4 numbers; expected 5 or 6'),
+        (["--mask-strategy", "0,0,0,1,0;2,0,0,1,-1"], 'tuple 1 "2,0,0,1,-1": ref_index 2 is out of range'),
+        (["--mask-strategy", "0,0,0,1,0,2"], "edit_ratio must be between 0 and 1, got 2"),
+        (["--mask-strategy", "0,0,0,2,0"], "needs 2 frames, reference 0 has an image (1 frame)"),
+        (["--mask-strategy", "0,1,0,1,0"], "loop_index 1 is out of range: loop is 1"),
+    ],
+)
+def test_bad_strategies_fail_before_sampling(debug_models, tmp_path, args, message):
+    from pipelines.config import ConfigError
+    from pipelines.sample import prepare_prompts
+
+    image, _ = reference_media(tmp_path)
+    overrides = {"prompt": ["a disc"], "reference_path": [str(image)], "mask_strategy": [args[1]]}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prepare_prompts(load_inference(tmp_path, debug_models, overrides))
+
+
+def test_missing_reference_file_fails_before_any_model_loads(debug_models, tmp_path):
+    config = inference_config(tmp_path, debug_models)
+    missing = tmp_path / "nowhere.png"
+    result = run_sora(
+        "sample", str(config), "--prompt", "a", "--prompt", "b", "--reference-path", "",
+        "--reference-path", str(missing), "--mask-strategy", "", "--mask-strategy", "0,0,0,1,0",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"reference_path[1] entry 0 ({missing}): file not found" in result.stderr
+    assert "sampling" not in result.stderr and "Loading weights" not in result.stderr
+
+
+def test_conditioning_needs_the_iddpm_scheduler(debug_models, tmp_path):
+    from pipelines.config import ConfigError
+    from pipelines.sample import prepare_prompts
+
+    overrides = {"prompt": ["a"], "loop": 2, "scheduler.type": "dpm-solver"}
+    with pytest.raises(ConfigError, match="scheduler 'dpm-solver' cannot condition on frames"):
+        prepare_prompts(load_inference(tmp_path, debug_models, overrides))
+
+
+def test_ckpt_path_takes_an_outputs_or_experiment_folder(tmp_path):
+    from pipelines.models import resolve_weights
+
+    def checkpoint(experiment: str, step: int, complete: bool = True) -> Path:
+        folder = tmp_path / "outputs" / experiment / "checkpoints" / f"step-{step:07d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+        if complete:
+            (folder / "COMPLETE").write_text("")
+        return folder
+
+    checkpoint("000-debug", 8)
+    newest = checkpoint("001-debug", 4)
+    checkpoint("001-debug", 6, complete=False)  # still being written: skipped
+    checkpoint("002-debug", 2, complete=False)  # an experiment with no complete checkpoint yet
+    assert resolve_weights(str(tmp_path / "outputs")) == str(newest)
+    assert resolve_weights(str(tmp_path / "outputs" / "000-debug")).endswith("000-debug/checkpoints/step-0000008")
+    assert resolve_weights(str(newest)) == str(newest)
+    assert resolve_weights("model.pth") == "model.pth"
+
+
+def test_mp4_bytes_are_the_same_for_the_same_frames():
+    """Encoding in fresh threads (as the Serve ingress does) gives identical files."""
+    import threading
+
+    from pipelines.sample import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 96, 3), dtype=np.uint8)  # noise: the hard case
+    results: list[bytes] = []
+    for _ in range(12):
+        thread = threading.Thread(target=lambda: results.append(encode_mp4(frames, 8)))
+        thread.start()
+        thread.join()
+    assert len(set(results)) == 1
