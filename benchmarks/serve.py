@@ -6,7 +6,7 @@ The application is the one `configs/serve.yaml` deploys (`pipelines.serve.make_a
 what the server does for a request, without HTTP and Ray: check the request, sample
 (`Sampler.generate`) and encode the mp4, with as many torch threads as a generator replica
 gets, in a process of its own. Calls alternate between the two so drift hits both alike;
-the figures are medians. Throughput clients retry a 503 after a pause, as Retry-After asks.
+the figures are medians. Throughput clients retry a 503 after half a second.
 
     python benchmarks/serve.py [--repeats 7] [--clients 1 2 4] [--replicas 1] [--steps 10]
 """
@@ -161,7 +161,7 @@ def main() -> None:
                 while True:
                     start = time.perf_counter()
                     status, _body = post(url, payload(args.steps))
-                    if status == 503:  # the queue is full: back off as Retry-After says, then retry
+                    if status == 503:  # the queue is full: back off, then retry (sooner than Retry-After's 5 s)
                         rejected += 1
                         time.sleep(0.5)
                         continue

@@ -41,7 +41,7 @@ def read_frames(path: str | Path, indices: np.ndarray) -> np.ndarray:
         try:
             with Image.open(path) as image:
                 return np.array(ImageOps.exif_transpose(image).convert("RGB"))[None]  # writable, for torch
-        except (OSError, SyntaxError, ValueError) as error:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise DecodeError(f"cannot decode image: {error}") from None
     try:
         reader = decord.VideoReader(str(path))

@@ -62,7 +62,7 @@ def _probe_image(path: Path) -> Probe:
             # EXIF orientations 5-8 rotate by 90 degrees: displayed width and height swap.
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 width, height = height, width
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ProbeError("not a readable image", str(error)) from None
     return Probe(1, height, width, 0.0)
 

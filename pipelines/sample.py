@@ -11,10 +11,11 @@ The same pieces serve HTTP requests (`pipelines/serve.py`):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +43,15 @@ class FieldError(ConfigError):
 class SampleItem:
     """One prompt, ready to sample: its mask tuples and the reference frames they take.
 
-    `references[i]` is (3, F, H, W) in [-1, 1]: frames `first_frames[i]` .. of reference i,
-    fitted to the sampling size (scaled to cover, centre-cropped), as Open-Sora does.
+    `references[i]` is (3, F, H, W) in [-1, 1]: frames `frames[i]` of reference i (those
+    the tuples take), fitted to the sampling size (scaled to cover, centre-cropped) as
+    Open-Sora does; None for a reference no tuple uses.
     """
 
     prompt: str
     masks: tuple[MaskTuple, ...] = ()
-    references: tuple[torch.Tensor, ...] = ()
-    first_frames: tuple[int, ...] = ()
+    references: tuple[torch.Tensor | None, ...] = ()
+    frames: tuple[tuple[int, ...], ...] = ()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -70,20 +72,28 @@ def read_prompts(config: InferenceConfig) -> list[str]:
     return prompts
 
 
-def check_sampling(config: InferenceConfig, conditioned: bool) -> None:
-    """What the model and scheduler must support for this config (before anything loads)."""
+def check_sampling(config: InferenceConfig, conditioned_by: str | None) -> None:
+    """What the model and scheduler must support for this config (before anything loads).
+
+    `conditioned_by` names the field that asks for condition frames (`loop` or
+    `mask_strategy`), None when nothing does; errors about them name it.
+    """
     height, width = config.image_size
     if height % 16 or width % 16:
         raise FieldError("image_size", f"image_size {config.image_size}: height and width must be multiples of 16")
-    if not conditioned:
+    if conditioned_by is None:
         return
     if MODEL_SIZES[config.model.type].family is Family.DIT:
-        raise FieldError("mask_strategy", f"model {config.model.type} cannot condition on frames; use an STDiT model")
+        message = f"{conditioned_by}: model {config.model.type} cannot condition on frames; use an STDiT model"
+        raise FieldError(conditioned_by, message)
     if config.scheduler.type != "iddpm":
-        raise FieldError(
-            "scheduler.type",
-            f"scheduler {config.scheduler.type!r} cannot condition on frames (loop > 1, mask_strategy): use 'iddpm'",
-        )
+        message = f"{conditioned_by}: scheduler {config.scheduler.type!r} cannot condition on frames; use 'iddpm'"
+        raise FieldError(conditioned_by, message)
+
+
+def conditioned_by(loop: int, strategies: Sequence[str | None]) -> str | None:
+    """The field that asks for condition frames, if any."""
+    return "loop" if loop > 1 else "mask_strategy" if any(strategies) else None
 
 
 def check_fixed_size(built: InferenceConfig, config: InferenceConfig) -> None:
@@ -103,11 +113,14 @@ def prepare_item(
     config: InferenceConfig,
     media_labels: Sequence[str],
     strategy_field: str = "mask_strategy",
+    max_pixels: int | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> SampleItem:
     """Read and check one prompt's conditioning; errors name the field, the entry and the tuple.
 
     `media` are files (images or videos); `media_labels[i]` names entry i in messages (and
-    is the field of its errors).
+    is the field of its errors). Only the frames the tuples take are decoded. A reference
+    no tuple uses is not read, and `notice` is told; `max_pixels` bounds a reference's size.
     """
     try:
         masks = parse_mask_strategy(strategy)
@@ -116,25 +129,36 @@ def prepare_item(
     counts = []
     for path, label in zip(media, media_labels, strict=True):
         try:
-            counts.append(probe(path).num_frames)
+            found = probe(path)
         except ProbeError as error:
             # The label names the file; the detail without its folder (never a server's path).
             detail = error.detail.replace(str(path), path.name)
             raise FieldError(label, f"{label}: {error.reason}" + (f" ({detail})" if detail else "")) from None
+        if max_pixels is not None and found.height * found.width > max_pixels:
+            size = f"{found.height}x{found.width}"
+            raise FieldError(label, f"{label}: {size} pixels; the limit is {max_pixels} (height x width)")
+        counts.append(found.num_frames)
     try:
-        check_strategy(masks, counts, config.long_video)
+        unused = check_strategy(masks, counts, config.long_video)
     except ConditionError as error:
         raise FieldError(strategy_field, f"{strategy_field}: {error}") from None
-    references, first_frames = [], []
+    if unused and notice is not None:
+        names = ", ".join(media_labels[index] for index in unused)
+        notice(f"note: {strategy_field} uses no frame of {names}; not read")
+    references, frames_taken = [], []
     for index, (path, label) in enumerate(zip(media, media_labels, strict=True)):
-        span = frames_needed(masks, index)
+        wanted = frames_needed(masks, index)
+        if not wanted:
+            references.append(None)
+            frames_taken.append(())
+            continue
         try:
-            frames = read_frames(path, np.arange(span.start, span.stop))
+            frames = read_frames(path, np.array(wanted))
         except DecodeError as error:
             raise FieldError(label, f"{label}: {error}".replace(str(path), path.name)) from None
         references.append(resize_crop(frames, *config.image_size))  # (3, F, H, W)
-        first_frames.append(span.start)
-    return SampleItem(prompt, tuple(masks), tuple(references), tuple(first_frames))
+        frames_taken.append(wanted)
+    return SampleItem(prompt, tuple(masks), tuple(references), tuple(frames_taken))
 
 
 def _per_prompt(config: InferenceConfig, name: str, count: int) -> list[str | None]:
@@ -151,7 +175,7 @@ def prepare_prompts(config: InferenceConfig) -> list[SampleItem]:
     prompts = read_prompts(config)
     paths = _per_prompt(config, "reference_path", len(prompts))
     strategies = _per_prompt(config, "mask_strategy", len(prompts))
-    check_sampling(config, config.loop > 1 or any(strategies))
+    check_sampling(config, conditioned_by(config.loop, strategies))
     items = []
     for index, (prompt, entry, strategy) in enumerate(zip(prompts, paths, strategies, strict=True)):
         media = [Path(part.strip()) for part in (entry or "").split(";") if part.strip()]
@@ -159,7 +183,8 @@ def prepare_prompts(config: InferenceConfig) -> list[SampleItem]:
         for path, label in zip(media, labels, strict=True):
             if "://" in str(path):
                 raise FieldError(label, f"{label}: a URL; download the file and give its path")
-        items.append(prepare_item(prompt, media, strategy, config, labels, strategy_field=f"mask_strategy[{index}]"))
+        notice = lambda message: print(message, file=sys.stderr)  # noqa: E731
+        items.append(prepare_item(prompt, media, strategy, config, labels, f"mask_strategy[{index}]", notice=notice))
     return items
 
 
@@ -276,10 +301,11 @@ class Sampler:
         from sora_model.long_video import Conditioning
 
         latents = tuple(
-            self.vae.encode_moments(frames[None].to(self.device, self.dtype))[0][0].float()  # the posterior mean
+            None if frames is None
+            else self.vae.encode_moments(frames[None].to(self.device, self.dtype))[0][0].float()  # posterior mean
             for frames in item.references
-        )
-        return Conditioning(item.masks, latents, item.first_frames)
+        )  # fmt: skip
+        return Conditioning(item.masks, latents, item.frames)
 
 
 def sample(config: InferenceConfig) -> list[Path]:
@@ -290,8 +316,10 @@ def sample(config: InferenceConfig) -> list[Path]:
     if config.model.from_pretrained is None:
         print("note: model.from_pretrained is not set: sampling with untrained weights (pass --ckpt-path)",
               file=sys.stderr)  # fmt: skip
-    else:
-        print(f"weights: {resolve_weights(config.model.from_pretrained)}", file=sys.stderr)
+    else:  # resolved once: what is printed is what loads, even while training writes new checkpoints
+        weights = resolve_weights(config.model.from_pretrained)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, from_pretrained=weights))
+        print(f"weights: {weights}", file=sys.stderr)
     sampler = Sampler(config)
     save_dir = Path(config.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

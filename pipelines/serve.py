@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse, Response
 
 from pipelines.config import ConfigError, InferenceConfig, load_config
 from pipelines.models import resolve_weights
-from pipelines.sample import FieldError, check_fixed_size, check_sampling, encode_mp4, prepare_item
+from pipelines.sample import FieldError, check_fixed_size, check_sampling, conditioned_by, encode_mp4, prepare_item
 
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait
 logger = logging.getLogger("ray.serve")
@@ -56,8 +56,9 @@ class ServeLimits:
     max_body_bytes: int = 64 * 2**20  # the JSON body, base64 media included
     max_prompt_chars: int = 2000
     max_num_frames: int = 128  # per clip
-    max_total_frames: int = 512  # the whole video: loop x (num_frames - condition) + condition
+    max_total_frames: int = 512  # frames sampled: loop x num_frames (the video keeps fewer when loop > 1)
     max_pixels: int = 1280 * 720  # height x width
+    max_reference_pixels: int = 4096 * 4096  # an uploaded image's or video's height x width
     max_loop: int = 16
     max_sampling_steps: int = 250
     max_cfg_scale: float = 50.0
@@ -124,7 +125,7 @@ REQUEST_FIELDS = (
     "mask_strategy",
     "reference",
 )
-# Strings that are a path or URL on somebody's machine, not uploaded bytes.
+# Strings (that are not base64) that are a path or URL on somebody's machine, not uploaded bytes.
 _PATH_LIKE = re.compile(
     r"^(/|\./|\.\./|~|[A-Za-z]:\\|file:)|://|\.(png|jpe?g|webp|bmp|tiff?|gif|mp4|mov|mkv|webm|avi)$"
 )
@@ -208,9 +209,12 @@ def parse_request(payload: Any, base: InferenceConfig, limits: ServeLimits) -> G
         )
     except ConfigError as error:  # loop and condition_frame_length that do not fit together
         raise RequestError(400, "condition_frame_length", str(error)) from None
-    total = config.long_video.total_frames
-    if total > limits.max_total_frames:
-        raise RequestError(400, "loop", f"loop: {total} frames in all; the limit is {limits.max_total_frames}")
+    sampled = loop * num_frames  # what the work grows with (carried frames are sampled again)
+    if sampled > limits.max_total_frames:
+        raise RequestError(
+            400, "loop", f"loop: {loop} clips of {num_frames} frames is {sampled} frames to sample; "
+            f"the limit is {limits.max_total_frames}"
+        )  # fmt: skip
     return GenerateRequest(prompt, config, _media(payload.get("reference"), limits), strategy)
 
 
@@ -228,14 +232,15 @@ def _media(value: Any, limits: ServeLimits) -> tuple[bytes, ...]:
         field = f"reference[{index}]"
         if not isinstance(item, str):
             raise RequestError(400, field, f"{field}: must be a base64 string, got {type(item).__name__}")
-        if _PATH_LIKE.search(item.strip()):
-            raise RequestError(
-                400, field, f"{field}: looks like a path or URL; the server never reads its own files or fetches "
-                "URLs: send the file's bytes, base64-encoded"
-            )  # fmt: skip
         try:
             data = base64.b64decode(item, validate=True)
         except (binascii.Error, ValueError) as error:
+            # Base64 has '/' (a JPEG starts "/9j/"), so only what does not decode can be a path.
+            if _PATH_LIKE.search(item.strip()):
+                raise RequestError(
+                    400, field, f"{field}: looks like a path or URL; the server never reads its own files or "
+                    "fetches URLs: send the file's bytes, base64-encoded"
+                ) from None  # fmt: skip
             raise RequestError(400, field, f"{field}: not valid base64 ({error})") from None
         if not data:
             raise RequestError(400, field, f"{field}: empty")
@@ -287,7 +292,7 @@ class SoraGenerator:
         return videos[0]
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.deployment(max_ongoing_requests=16, max_queued_requests=16, ray_actor_options={"num_cpus": 0})
 class SoraAPI:
     """The HTTP ingress."""
 
@@ -295,6 +300,7 @@ class SoraAPI:
         self.generator = generator
         self.config = config
         self.limits = limits
+        self.preparing = asyncio.Semaphore(2)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -316,6 +322,9 @@ class SoraAPI:
             raise RequestError(404, None, f"no route {path}; routes: GET /, GET /health, POST /generate")
         except RequestError as error:
             return error.response()
+        except Exception:  # a bug of ours: still a JSON answer, and the replica goes on
+            logger.exception("request failed")
+            return RequestError(500, None, "internal error; see the server's log").response()
 
     async def _generate(self, request: Request) -> Response:
         body = await _read_body(request, self.limits.max_body_bytes)
@@ -326,8 +335,9 @@ class SoraAPI:
         job = parse_request(payload, self.config, self.limits)
         try:
             check_fixed_size(self.config, job.config)
-            check_sampling(job.config, job.config.loop > 1 or bool(job.mask_strategy))
-            item = await asyncio.to_thread(self._prepare, job)
+            check_sampling(job.config, conditioned_by(job.config.loop, [job.mask_strategy]))
+            async with self.preparing:  # decoding media is memory-heavy: a few at a time
+                item = await asyncio.to_thread(self._prepare, job, self.limits.max_reference_pixels)
         except FieldError as error:
             raise RequestError(400, error.field, str(error)) from None
         try:
@@ -345,11 +355,11 @@ class SoraAPI:
         return Response(mp4, media_type="video/mp4", headers=headers)
 
     @staticmethod
-    def _prepare(job: GenerateRequest):
+    def _prepare(job: GenerateRequest, max_pixels: int):
         with tempfile.TemporaryDirectory(prefix="sora-upload-") as folder:
             paths = [save_upload(data, Path(folder), index) for index, data in enumerate(job.media)]
             labels = [f"reference[{index}]" for index in range(len(paths))]
-            return prepare_item(job.prompt, paths, job.mask_strategy, job.config, labels)
+            return prepare_item(job.prompt, paths, job.mask_strategy, job.config, labels, max_pixels=max_pixels)
 
     def _describe_model(self) -> dict[str, Any]:
         config = self.config

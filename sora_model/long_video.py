@@ -17,13 +17,13 @@ from sora_model.mask_strategy import LongVideo, MaskTuple
 class Conditioning:
     """A sample's tuples and its encoded references.
 
-    `references[i]` holds the latents (C, F, h, w) of reference i's frames from
-    `first_frames[i]` on (only the span the tuples need).
+    `references[i]` holds the latents (C, F, h, w) of reference i's frames
+    `frames[i]` (those the tuples take, in order; None for a reference no tuple uses).
     """
 
     masks: tuple[MaskTuple, ...]
-    references: tuple[torch.Tensor, ...]
-    first_frames: tuple[int, ...]
+    references: tuple[torch.Tensor | None, ...]
+    frames: tuple[tuple[int, ...], ...]
 
     def clip(self, loop_index: int, previous: torch.Tensor | None, video: LongVideo, like: torch.Tensor):
         """Reference latents (C, T, h, w) and edit ratios (T,) of one clip, or None if it is free.
@@ -41,9 +41,10 @@ class Conditioning:
         for masked in self.masks:
             if masked.loop_index != loop_index:
                 continue
-            offset = masked.ref_start_frame - self.first_frames[masked.ref_index]
+            held = self.frames[masked.ref_index]
+            positions = [held.index(frame) for frame in masked.ref_frames]
             frames = masked.target_frames(like.shape[1])
-            source = self.references[masked.ref_index][:, offset : offset + masked.num_frames]
+            source = self.references[masked.ref_index][:, positions]  # (C, num_frames, h, w)
             reference[:, frames.start : frames.stop] = source.to(reference)
             edit[frames.start : frames.stop] = masked.edit_ratio
             conditioned = True

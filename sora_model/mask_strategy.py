@@ -139,10 +139,10 @@ def _opensora_1_1_hint(numbers: list[str]) -> str:
     )
 
 
-def check_strategy(masks: Sequence[MaskTuple], reference_frames: Sequence[int], video: LongVideo) -> None:
+def check_strategy(masks: Sequence[MaskTuple], reference_frames: Sequence[int], video: LongVideo) -> list[int]:
     """Check tuples against the references (their frame counts; 1 for an image) and the clips.
 
-    Every reference must be used by some tuple: an unused one is most likely a typo.
+    Returns the references no tuple uses (the seed's own example has one); callers say so.
     """
     used = set()
     taken: dict[tuple[int, int], MaskTuple] = {}  # (loop, frame) -> the tuple that fills it
@@ -178,12 +178,10 @@ def check_strategy(masks: Sequence[MaskTuple], reference_frames: Sequence[int], 
             other = taken.setdefault((masked.loop_index, frame), masked)
             if other is not masked:
                 raise ConditionError(f"{masked}: frame {frame} of loop {masked.loop_index} is already set by {other}")
-    unused = sorted(set(range(len(reference_frames))) - used)
-    if unused:
-        raise ConditionError(f"reference {unused[0]} is not used by any mask_strategy tuple")
+    return sorted(set(range(len(reference_frames))) - used)
 
 
-def frames_needed(masks: Sequence[MaskTuple], ref_index: int) -> range:
-    """The reference frames the tuples take from reference `ref_index`, as one span."""
-    spans = [masked.ref_frames for masked in masks if masked.ref_index == ref_index]
-    return range(min(span.start for span in spans), max(span.stop for span in spans))
+def frames_needed(masks: Sequence[MaskTuple], ref_index: int) -> tuple[int, ...]:
+    """The reference frames the tuples take from reference `ref_index`, in order, each once
+    (only those: "0,0,0,1,0;0,1,5000,1,0" needs frames 0 and 5000, not the 5001 between)."""
+    return tuple(sorted({frame for masked in masks if masked.ref_index == ref_index for frame in masked.ref_frames}))

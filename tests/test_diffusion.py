@@ -138,6 +138,19 @@ def test_edit_ratios_freeze_then_release_frames():
     assert (sample[:, :, 2] - target[:, :, 2]).abs().max() < 0.2  # then denoised towards the target
 
 
+@pytest.mark.parametrize("ratio", [0.53, 0.29, 0.57, 0.58])
+def test_an_edit_ratio_gets_its_exact_share_of_the_steps(ratio):
+    """0.53 of 100 steps is 53, though 0.53 is 0.52999997 as a float32."""
+    steps = 100
+    diffusion = GaussianDiffusion.spaced(str(steps), 1000)
+    calls: list = []
+    edit = torch.tensor([[ratio, 1.0, 1.0, 1.0, 1.0]] * 2)  # float32, as sampling builds it
+    reference = torch.zeros(SHAPE)
+    diffusion.sample(oracle(diffusion, reference, calls), torch.randn(SHAPE), reference, edit)
+    active = torch.stack([call[0] for call in calls])  # (steps, T) for the first sample
+    assert int(active[:, 0].sum()) == round(ratio * steps)
+
+
 def test_guidance_on_the_first_channels_only():
     def model(x, t, x_mask):
         half = len(x) // 2

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from sora_model.long_video import Conditioning, sample_long
-from sora_model.mask_strategy import ConditionError, LongVideo, MaskTuple, check_strategy, parse_mask_strategy
+from sora_model.mask_strategy import (
+    ConditionError,
+    LongVideo,
+    MaskTuple,
+    check_strategy,
+    frames_needed,
+    parse_mask_strategy,
+)
 
 
 def test_parse_the_seeds_example():
@@ -65,7 +72,6 @@ def test_total_frames_follow_the_seeds_formula():
         ("0,0,0,1,-9", [1], "covers frames -1..-1, outside"),
         ("0,1,0,1,1", [1], "frames 1..1 of loop 1 overlap its first 2 frames, which continue loop 0"),
         ("0,0,0,2,0;0,0,0,1,1", [2], 'tuple 1 "0,0,0,1,1": frame 1 of loop 0 is already set by tuple 0'),
-        ("0,0,0,1,0", [1, 1], "reference 1 is not used by any mask_strategy tuple"),
     ],
 )
 def test_tuples_are_checked_against_references_and_clips(strategy, frames, message):
@@ -73,11 +79,20 @@ def test_tuples_are_checked_against_references_and_clips(strategy, frames, messa
         check_strategy(parse_mask_strategy(strategy), frames, LongVideo(8, 2, 2))
 
 
-def test_valid_strategies_pass():
+def test_valid_strategies_pass_and_unused_references_are_reported():
     video = LongVideo(8, 2, 2)
-    check_strategy(parse_mask_strategy("0,0,0,1,0;0,1,0,1,-1"), [1], video)
-    check_strategy(parse_mask_strategy("0,0,2,8,0;1,1,0,2,-2,0.5"), [10, 1 + 1], video)
-    check_strategy([], [], video)
+    assert check_strategy(parse_mask_strategy("0,0,0,1,0;0,1,0,1,-1"), [1], video) == []
+    assert check_strategy(parse_mask_strategy("0,0,2,8,0;1,1,0,2,-2,0.5"), [10, 1 + 1], video) == []
+    assert check_strategy([], [], video) == []
+    # The seed's own example: reference_path "one.png;two.mp4", and no tuple takes two.mp4.
+    assert check_strategy(parse_mask_strategy("0,0,0,1,0;0,0,0,1,-1"), [1, 30], LongVideo(16, 10, 4)) == [1]
+
+
+def test_only_the_frames_the_tuples_take_are_needed():
+    masks = parse_mask_strategy("0,0,0,2,0;0,1,5000,1,5;1,0,0,1,-1;0,1,1,1,3")
+    assert frames_needed(masks, 0) == (0, 1, 5000)  # not the 5001 frames between
+    assert frames_needed(masks, 1) == (0,)
+    assert frames_needed(masks, 2) == ()
 
 
 class RecordingSampler:
@@ -114,9 +129,9 @@ def test_references_go_where_the_tuples_say():
     video = LongVideo(num_frames=5, loop=2, condition_frame_length=1)
     shape = (2, 3, 5, 1, 1)
     image = torch.full((3, 1, 1, 1), -7.0)  # latents of a one-frame reference
-    clip = torch.arange(10.0).repeat(3, 1)[:, 4:][..., None, None]  # frames 4..9 of a video, (3, 6, 1, 1)
+    clip = torch.tensor([5.0, 6.0, 40.0]).repeat(3, 1)[..., None, None]  # frames 5, 6 and 40 of a video
     masks = parse_mask_strategy("0,0,0,1,-1;1,1,5,2,2,0.25")
-    conditioned = Conditioning(tuple(masks), (image, clip), (0, 4))
+    conditioned = Conditioning(tuple(masks), (image, clip, None), ((0,), (5, 6, 40), ()))
     sampler = RecordingSampler(shape)
     sample_long(sampler, [conditioned, None], video, shape[1:])
     (ref0, edit0), (ref1, edit1) = sampler.calls

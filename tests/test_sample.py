@@ -174,6 +174,59 @@ def test_bad_strategies_fail_before_sampling(debug_models, tmp_path, args, messa
         prepare_prompts(load_inference(tmp_path, debug_models, overrides))
 
 
+def test_the_seeds_long_video_example_is_accepted(debug_models, tmp_path, capsys):
+    """reference_path "one.png;two.mp4" with "0,0,0,1,0;0,0,0,1,-1": two.mp4 is never used, so never read."""
+    from pipelines.sample import prepare_prompts
+
+    image, video = reference_media(tmp_path)
+    one, two = tmp_path / "one.png", tmp_path / "two.mp4"
+    image.rename(one)
+    video.rename(two)
+    overrides = {"prompt": ["a"], "loop": 10, "condition_frame_length": 4, "num_frames": 16,
+                 "reference_path": [f"{one};{two}"], "mask_strategy": ["0,0,0,1,0;0,0,0,1,-1"]}  # fmt: skip
+    (item,) = prepare_prompts(load_inference(tmp_path, debug_models, overrides))
+    assert item.references[1] is None and item.frames == ((0,), ())
+    assert "mask_strategy[0] uses no frame of reference_path[0] entry 1" in capsys.readouterr().err
+
+
+def test_only_the_frames_the_tuples_take_are_decoded(debug_models, tmp_path):
+    from pipelines.sample import prepare_prompts
+
+    _, video = reference_media(tmp_path)  # 12 frames
+    overrides = {"prompt": ["a"], "loop": 2, "image_size": (64, 64),
+                 "reference_path": [str(video)], "mask_strategy": ["0,0,0,1,0;0,1,11,1,-1"]}  # fmt: skip
+    (item,) = prepare_prompts(load_inference(tmp_path, debug_models, overrides))
+    assert item.frames == ((0, 11),) and item.references[0].shape == (3, 2, 64, 64)
+
+
+def black_png(path: Path, width: int, height: int, pixels: bool = True) -> Path:
+    """A grey-scale PNG of zeros: a few KiB on disk for any size (a decompression bomb's trick).
+    Without `pixels` only the header is there."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    rows = zlib.compress(bytes(height * (width + 1))) if pixels else b""  # a filter byte, then the row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + (chunk(b"IDAT", rows) if pixels else b"") + chunk(b"IEND", b""))
+    return path
+
+
+def test_oversized_and_bomb_references_are_refused_by_name(debug_models, tmp_path):
+    from pipelines.config import ConfigError
+    from pipelines.sample import prepare_item
+
+    config = load_inference(tmp_path, debug_models, {"prompt": ["a"]})
+    big = black_png(tmp_path / "big.png", 5000, 5000)
+    with pytest.raises(ConfigError, match=re.escape("reference[0]: 5000x5000 pixels; the limit is 16777216")):
+        prepare_item("a", [big], "0,0,0,1,0", config, ["reference[0]"], max_pixels=4096 * 4096)
+    bomb = black_png(tmp_path / "bomb.png", 30000, 30000, pixels=False)  # over PIL's own bomb limit
+    with pytest.raises(ConfigError, match=re.escape("reference[0]: not a readable image")):
+        prepare_item("a", [bomb], "0,0,0,1,0", config, ["reference[0]"])
+
+
 def test_missing_reference_file_fails_before_any_model_loads(debug_models, tmp_path):
     config = inference_config(tmp_path, debug_models)
     missing = tmp_path / "nowhere.png"
@@ -191,7 +244,7 @@ def test_conditioning_needs_the_iddpm_scheduler(debug_models, tmp_path):
     from pipelines.sample import prepare_prompts
 
     overrides = {"prompt": ["a"], "loop": 2, "scheduler.type": "dpm-solver"}
-    with pytest.raises(ConfigError, match="scheduler 'dpm-solver' cannot condition on frames"):
+    with pytest.raises(ConfigError, match="loop: scheduler 'dpm-solver' cannot condition on frames"):
         prepare_prompts(load_inference(tmp_path, debug_models, overrides))
 
 

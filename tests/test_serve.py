@@ -59,7 +59,9 @@ def base_config(tmp_path_factory, debug_models):
         ({"prompt": "a", "cfg_scale": "7"}, 400, "cfg_scale", "cfg_scale: must be a number"),
         ({"prompt": "a", "cfg_scale": 1e9}, 400, "cfg_scale", "cfg_scale: must be between 0 and 50.0"),
         ({"prompt": "a", "loop": 99}, 400, "loop", "loop: must be between 1 and 16"),
-        ({"prompt": "a", "loop": 16, "num_frames": 128, "condition_frame_length": 1}, 400, "loop", "the limit is 512"),
+        ({"prompt": "a", "loop": 16, "num_frames": 64, "condition_frame_length": 1}, 400, "loop", "the limit is 512"),
+        # 143 frames kept, but 16 clips of 128 are sampled: the limit counts the work
+        ({"prompt": "a", "loop": 16, "num_frames": 128, "condition_frame_length": 127}, 400, "loop", "2048 frames"),
         ({"prompt": "a", "loop": 2, "condition_frame_length": 0}, 400, "condition_frame_length", "between 1 and"),
         ({"prompt": "a", "mask_strategy": [0, 0]}, 400, "mask_strategy", "mask_strategy: must be a string"),
         ({"prompt": "a", "reference": {"a": 1}}, 400, "reference", "reference: must be a list"),
@@ -230,6 +232,11 @@ def test_generate_returns_a_decodable_mp4_reproducible_by_seed(server):
 def test_long_video_with_an_uploaded_reference(server):
     url, folder = server
     image, clip = reference_media(folder)
+    from PIL import Image
+
+    with Image.open(image) as png:  # a JPEG's base64 starts with "/9j/": bytes, not a path
+        png.convert("RGB").save(image.with_suffix(".jpg"), quality=90)
+    image = image.with_suffix(".jpg")
     request = {"prompt": "a yellow disc", "num_frames": 5, "image_size": [64, 64], "num_sampling_steps": 2,
                "loop": 3, "condition_frame_length": 2, "mask_strategy": "0,0,0,1,0;1,2,3,2,-2",
                "reference": [base64.b64encode(image.read_bytes()).decode(),
@@ -251,6 +258,11 @@ def test_long_video_with_an_uploaded_reference(server):
         ({"prompt": "a", "mask_strategy": "0,0,0,1,0"}, 400, "mask_strategy"),  # no reference to index
         ({"prompt": "a", "mask_strategy": "0,0,0,1,0", "reference": ["/etc/hostname"]}, 400, "reference[0]"),
         ({"prompt": "a", "mask_strategy": "0,0,0,1,0", "reference": ["aGVsbG8="]}, 400, "reference[0]"),
+        (
+            {"prompt": "a", "image_size": [64, 64], "num_frames": 2, "loop": 2, "condition_frame_length": 2},
+            400,
+            "condition_frame_length",
+        ),
     ],
 )
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, body, status, field):

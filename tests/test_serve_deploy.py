@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from tests.test_serve import BIN, TINY, free_port, mp4_frames, post, serve_yaml, wait_healthy
 
@@ -14,6 +15,10 @@ from tests.test_serve import BIN, TINY, free_port, mp4_frames, post, serve_yaml,
 def test_ray_serve_deploy_on_a_started_cluster(tmp_path, debug_models):
     http_port, gcs_port, dashboard_port = free_port(), free_port(), free_port()
     config = serve_yaml(tmp_path, debug_models, http_port)
+    # As the README says: relative paths resolve against the folder `ray start` ran in.
+    raw = yaml.safe_load(config.read_text())
+    raw["applications"][0]["args"]["config"] = "inference.py"
+    config.write_text(yaml.safe_dump(raw))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env |= {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     ray = str(BIN / "ray")

@@ -248,7 +248,9 @@ class GaussianDiffusion:
         x = noise
         steps = self.num_timesteps
         frames = lambda m: m[:, None, :, None, None]  # noqa: E731  (B, T) -> broadcast over (B, C, T, H, W)
-        start = None if edit is None else (edit * steps).floor().long()  # (B, T): the step a frame starts at
+        # (B, T): the step a frame starts at. 0.53 is 0.52999997 in float32, and 53 steps of 100 must
+        # not become 52: a tolerance far above float32's error (steps x 6e-8) and far below one step.
+        start = None if edit is None else (edit.double() * steps + 1e-4).floor().long()
         for i in tqdm(range(steps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             active = None
