@@ -276,13 +276,13 @@ class InferenceConfig:
                 )
         try:
             self.long_video  # noqa: B018  (checks loop and condition_frame_length)
-            for index, strategy in enumerate(self.mask_strategy or ()):
-                try:
-                    parse_mask_strategy(strategy)
-                except ConditionError as error:
-                    raise ConditionError(f"mask_strategy[{index}]: {error}") from None
         except ConditionError as error:
             raise ConfigError(str(error)) from None
+        for index, strategy in enumerate(self.mask_strategy or ()):
+            try:
+                parse_mask_strategy(strategy)
+            except ConditionError as error:
+                raise ConfigError(f"mask_strategy[{index}]: {error}") from None
 
     @property
     def save_fps(self) -> int:

@@ -176,14 +176,15 @@ def prepare_prompts(config: InferenceConfig) -> list[SampleItem]:
     paths = _per_prompt(config, "reference_path", len(prompts))
     strategies = _per_prompt(config, "mask_strategy", len(prompts))
     check_sampling(config, conditioned_by(config.loop, strategies))
+    notice = lambda message: print(message, file=sys.stderr)  # noqa: E731
     items = []
     for index, (prompt, entry, strategy) in enumerate(zip(prompts, paths, strategies, strict=True)):
-        media = [Path(part.strip()) for part in (entry or "").split(";") if part.strip()]
-        labels = [f"reference_path[{index}] entry {i} ({path})" for i, path in enumerate(media)]
-        for path, label in zip(media, labels, strict=True):
-            if "://" in str(path):
+        parts = [part.strip() for part in (entry or "").split(";") if part.strip()]
+        labels = [f"reference_path[{index}] entry {i} ({part})" for i, part in enumerate(parts)]
+        for part, label in zip(parts, labels, strict=True):
+            if "://" in part:  # checked on the text: Path("https://x") is "https:/x"
                 raise FieldError(label, f"{label}: a URL; download the file and give its path")
-        notice = lambda message: print(message, file=sys.stderr)  # noqa: E731
+        media = [Path(part) for part in parts]
         items.append(prepare_item(prompt, media, strategy, config, labels, f"mask_strategy[{index}]", notice=notice))
     return items
 

@@ -9,8 +9,9 @@ Two deployments:
   uploaded reference media and encodes the mp4. It is light and takes many requests at
   once, so `/health` answers while videos are being sampled.
 - `SoraGenerator`: the models, loaded once per replica (one GPU each when the cluster has
-  GPUs), sampling one request at a time. Requests wait in a bounded queue
-  (`max_queued_requests`); past it the ingress answers 503 with Retry-After.
+  GPUs), sampling one request at a time. Requests wait in a bounded queue (a replica's
+  `max_ongoing_requests`, then `max_queued_requests`); past it the ingress answers 503
+  with Retry-After.
 
 Routes: `GET /health`, `GET /` (the request fields, defaults and limits), `POST /generate`
 (JSON in, `video/mp4` out). Bad requests get 4xx with `{"error": ..., "field": ...}`.
@@ -31,7 +32,7 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,12 +92,16 @@ class ServeArgs:
             raise ConfigError(f"args: {error}") from None
 
 
+def _closest(key: Any, valid: Sequence[str], listing: str) -> str:
+    """How to end an "unknown key" message: the closest valid key, else them all."""
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f"; {listing}: {', '.join(valid)}"
+
+
 def _no_unknown(values: Mapping[str, Any], valid: list[str], where: str) -> None:
     for key in values:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid: {', '.join(valid)}"
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, valid, 'valid')}")
 
 
 class RequestError(Exception):
@@ -156,9 +161,7 @@ def parse_request(payload: Any, base: InferenceConfig, limits: ServeLimits) -> G
         raise RequestError(400, None, f"the body must be a JSON object, got {type(payload).__name__}")
     for key in payload:
         if key not in REQUEST_FIELDS:
-            close = difflib.get_close_matches(str(key), REQUEST_FIELDS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; fields: {', '.join(REQUEST_FIELDS)}"
-            raise RequestError(400, str(key), f"unknown field '{key}'{hint}")
+            raise RequestError(400, str(key), f"unknown field '{key}'{_closest(key, REQUEST_FIELDS, 'fields')}")
     prompt = payload.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(400, "prompt", "prompt: required, a non-empty string")

@@ -102,11 +102,20 @@ def test_long_video_frame_count_follows_the_formula(debug_models, tmp_path):
         assert frames_of(Path(path)).shape == (3 * (5 - 2) + 2, 64, 64, 3)
 
 
-def test_image_to_video_starts_from_the_reference(debug_models, tmp_path):
-    """The conditioned first frame is the reference after the VAE round trip; unconditioned it is not."""
+def round_trip(vae, image: Path, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) in 0..255: the image fitted to the size, VAE-encoded (posterior mean) and decoded."""
     import torch
 
     from pipelines.media import read_frames, resize_crop
+
+    pixels = resize_crop(read_frames(image, np.array([0])), height, width)[None]  # (1, 3, 1, H, W)
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode_moments(pixels)[0])
+    return ((decoded.clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0).numpy()
+
+
+def test_image_to_video_starts_from_the_reference(debug_models, tmp_path):
+    """The conditioned first frame is the reference after the VAE round trip; unconditioned it is not."""
     from pipelines.sample import Sampler, prepare_prompts
 
     image, _ = reference_media(tmp_path)
@@ -118,10 +127,7 @@ def test_image_to_video_starts_from_the_reference(debug_models, tmp_path):
     sampler = Sampler(plain)
     with_image = sampler.generate(prepare_prompts(conditioned), conditioned)[0].astype(float)  # (T, H, W, 3)
     without = sampler.generate(prepare_prompts(plain), plain)[0].astype(float)
-    pixels = resize_crop(read_frames(image, np.array([0])), 64, 96)[None]  # (1, 3, 1, H, W)
-    with torch.no_grad():
-        round_trip = sampler.vae.decode(sampler.vae.encode_moments(pixels)[0])
-    expected = ((round_trip.clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0).numpy()
+    expected = round_trip(sampler.vae, image, 64, 96)
     assert np.abs(with_image[0] - expected).mean() < 0.5
     assert np.abs(without[0] - expected).mean() > 10
     # The later frames are generated, not copies of the reference.
@@ -142,13 +148,9 @@ def test_conditioned_mp4_from_the_cli_starts_near_the_reference(debug_models, tm
     first_cond = frames_of(Path(conditioned.stdout.split()[0]))[0].astype(float)
     second_cond = frames_of(Path(conditioned.stdout.split()[0]))[1].astype(float)
     # H.264 blurs the debug VAE's noisy texture (about 11 levels of 255), so compare with margins.
-    from pipelines.media import read_frames, resize_crop
     from sora_model.vae import VideoAutoencoderKL
 
-    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]))
-    pixels = resize_crop(read_frames(image, np.array([0])), 64, 96)[None]
-    decoded = vae.decode(vae.encode_moments(pixels)[0])
-    expected = ((decoded.clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0).numpy()
+    expected = round_trip(VideoAutoencoderKL.from_pretrained(str(debug_models["vae"])), image, 64, 96)
     near = np.abs(first_cond - expected).mean()
     assert near < 0.5 * np.abs(first_plain - expected).mean()
     assert near < 0.5 * np.abs(second_cond - expected).mean()
@@ -225,6 +227,16 @@ def test_oversized_and_bomb_references_are_refused_by_name(debug_models, tmp_pat
     bomb = black_png(tmp_path / "bomb.png", 30000, 30000, pixels=False)  # over PIL's own bomb limit
     with pytest.raises(ConfigError, match=re.escape("reference[0]: not a readable image")):
         prepare_item("a", [bomb], "0,0,0,1,0", config, ["reference[0]"])
+
+
+def test_a_url_reference_is_named_as_such(debug_models, tmp_path):
+    from pipelines.config import ConfigError
+    from pipelines.sample import prepare_prompts
+
+    url = "https://cdn.openai.com/tmp/s/interp/d0.mp4"  # as in Open-Sora 1.1's sample-ref.py
+    overrides = {"prompt": ["a"], "reference_path": [url], "mask_strategy": ["0,0,0,1,0"]}
+    with pytest.raises(ConfigError, match=re.escape(f"reference_path[0] entry 0 ({url}): a URL; download the file")):
+        prepare_prompts(load_inference(tmp_path, debug_models, overrides))
 
 
 def test_missing_reference_file_fails_before_any_model_loads(debug_models, tmp_path):
