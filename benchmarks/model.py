@@ -34,13 +34,14 @@ def model_flops(model, tokens: int, frames: int) -> float:
 
 
 def measure(size: str, steps: int) -> dict:
-    from sora_model.stdit import build_model
+    from sora_model.sizes import MODEL_SIZES, Family
+    from sora_model.stdit import STDiT2, build_model
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     text_dim = 64 if size == "debug" else 4096
     torch.manual_seed(0)
-    options = {"input_size": LATENT} if size.startswith("STDiT-") else {}
+    options = {} if MODEL_SIZES[size].family is Family.STDIT2 else {"input_size": LATENT}  # fixed-size models
     model = build_model(size, text_dim, CAPTION, **options).to(device).train()
     x = torch.randn(1, 4, *LATENT, device=device)
     y = torch.randn(1, CAPTION, text_dim, device=device)
@@ -48,7 +49,7 @@ def measure(size: str, steps: int) -> dict:
     mask[:, :REAL_TOKENS] = True
     t = torch.tensor([500], device=device)
     extra = {}
-    if model.__class__.__name__ == "STDiT2":
+    if isinstance(model, STDiT2):  # size conditioning
         full = lambda v: torch.full((1,), float(v), device=device)  # noqa: E731
         extra = {"height": full(256), "width": full(256), "num_frames": full(16), "fps": full(8)}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)

@@ -25,7 +25,7 @@ import pandas as pd
 from pipelines import cache as C
 from pipelines.config import load_config
 from pipelines.demo_data import plan_demo, write_demo_data
-from pipelines.preprocess import preprocess, probe_batch
+from pipelines.preprocess import FILE, SOURCE_SIZE, preprocess, probe_batch
 from sora_model.debug import write_debug_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,11 +46,11 @@ def decord_loop(paths: list[str]) -> None:
 
 
 def probe_stage(paths: list[str]) -> None:
-    batch = pd.DataFrame({"file": paths, "src_num_frames": 0, "src_height": 0, "src_width": 0, "src_fps": 0.0})
-    for column in ("reject_stage", "reject_reason", "reject_detail"):
+    batch = pd.DataFrame({FILE: paths, **dict.fromkeys(SOURCE_SIZE, 0), C.SRC_FPS: 0.0})
+    for column in C.REJECT_COLUMNS:
         batch[column] = None
     out = probe_batch(batch)
-    assert out["reject_stage"].isna().all()
+    assert out[C.REJECT_STAGE].isna().all()
 
 
 def best_rate(function, paths: list[str], repeat: int = 3) -> float:

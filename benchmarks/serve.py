@@ -54,7 +54,8 @@ def payload(steps: int) -> dict:
 def run_in_process(config_path: str, threads: int, steps: int) -> None:
     """What the server does for one request, without HTTP and Ray, once per line on stdin."""
     from pipelines.config import load_config
-    from pipelines.sample import Sampler, encode_mp4, prepare_item
+    from pipelines.media import encode_mp4
+    from pipelines.sample import Sampler, prepare_item
     from pipelines.serve import ServeLimits, parse_request
 
     torch.set_num_threads(threads)  # what a generator replica gets (OMP_NUM_THREADS = its CPUs)
@@ -88,6 +89,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from pipelines.cluster import connect
     from pipelines.config import load_config
     from pipelines.serve import ServeLimits, make_app
     from sora_model.debug import write_debug_models
@@ -103,7 +105,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
 
     threads = max(1, int(args.cpus_per_replica))
-    ray.init(num_cpus=max(2, int(args.replicas * args.cpus_per_replica)), include_dashboard=False, log_to_driver=False)
+    connect(None, local_cpus=max(2, int(args.replicas * args.cpus_per_replica)))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     resources = {"num_gpus": 1} if cuda else {"num_cpus": args.cpus_per_replica}

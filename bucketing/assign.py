@@ -70,6 +70,14 @@ class Bucket:
         return f"{self.resolution}-{self.num_frames}f-{self.aspect}"
 
 
+def parse_bucket_name(name: str) -> tuple[str, int, str]:
+    """(resolution, T, aspect) of a bucket name `<res>-<T>f-<ar>`: the inverse of `Bucket.name`."""
+    parts = name.split("-")
+    if len(parts) != 3 or not parts[1].endswith("f") or not parts[1][:-1].isdigit():
+        raise ValueError(f"not a bucket name (<resolution>-<T>f-<aspect>): {name!r}")
+    return parts[0], int(parts[1][:-1]), parts[2]
+
+
 @dataclass(frozen=True)
 class Assignments:
     """The assignment of N samples, as columns. Dropped rows have resolution -1."""

@@ -47,6 +47,12 @@ class BucketConfig:
     def __iter__(self):
         return iter(self.resolutions)
 
+    def batch_size(self, resolution: str, num_frames: int) -> int | None:
+        """The per-worker batch size of (resolution, T); None when the config has no such bucket."""
+        entry = next((e for e in self.resolutions if e.resolution.name == resolution), None)
+        found = entry.frame_bucket(num_frames) if entry else None
+        return found.batch_size if found else None
+
 
 def parse_bucket_config(raw: Mapping[Any, Any], frame_interval: int = 1) -> BucketConfig:
     """Check a bucket_config dict and order it for assignment."""

@@ -1,5 +1,31 @@
 """Everything that runs jobs: config loading, preprocessing (Ray Data), the cache,
-training (Ray Train + DeepSpeed) and serving (Ray Serve)."""
+training (Ray Train + DeepSpeed) and serving (Ray Serve).
+
+    config.py         the config schema: frozen dataclasses per section, TrainConfig, InferenceConfig
+    config_file.py    reading config files (parsed, never run), type checks, Open-Sora aliases, overrides
+    commands.py       one function per CLI command: loads the config, calls the job
+    dataset.py        the input table (CSV/Parquet): required columns, metadata columns, sample ids
+    probe.py          frame count, displayed size and fps of a file, without decoding frames
+    media.py          decoding frames, resize and centre crop, writing mp4
+    models.py         the configured VAE, T5 and diffusion transformer, loaded one way everywhere
+    preprocess.py     `sora preprocess`: the Ray Data stages and the job around them
+    cache.py          the cache: layout, column names, Arrow schema, fingerprint, rejects, reader
+    bucket_report.py  `sora bucket-report` from a table or a cache
+    plots.py          the bucket report drawn as a PNG (matplotlib)
+    train_data.py     training batches from the cache: epoch plans, windows, posterior draws, masks
+    checkpoint.py     checkpoint folders: layout, TrainState, save / load, newest complete one
+    trainer.py        the training worker without Ray: engine, step, EMA, log, loop; one process
+    train.py          `sora train`: the plan, and the Ray Train job that runs trainer.py's worker
+    cluster.py        joining (or starting) a Ray cluster: one policy for every command
+    sample.py         `sora sample`: prompts and references checked, the Sampler, long video
+    serve.py          the Ray Serve application (configs/serve.yaml)
+    demo_data.py      `sora demo-data`: a small captioned dataset of moving shapes
+
+Imports point down: cli.py -> pipelines -> sora_model, bucketing. Inside pipelines,
+the job modules (preprocess, train, sample, serve, bucket_report) import the shared
+ones (config, cache, dataset, media, models, checkpoint, cluster) and never each
+other, except serve, which serves `sample`'s Sampler; trainer.py never imports ray.
+"""
 
 from pipelines.config import ConfigError
 from sora_model.errors import ModelLoadError

@@ -6,23 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from bucketing.assign import assign_buckets, sample_keys
-from bucketing.config import BucketConfig, fixed_bucket_config, parse_bucket_config
 from bucketing.report import Report, build_report, format_report, report_to_dict
+from pipelines import cache
 from pipelines.config import TrainConfig
-from pipelines.dataset import METADATA_COLUMNS, read_table, resolve_paths, sample_id
+from pipelines.dataset import read_metadata, read_table, resolve_paths, sample_id
 from pipelines.probe import ProbeError, probe
-
-
-def bucket_config_of(config: TrainConfig) -> BucketConfig:
-    """The buckets a training config stands for (its bucket_config, or the fixed size)."""
-    # TrainConfig has validated both forms already.
-    if config.bucket_config is not None:
-        return parse_bucket_config(config.bucket_config, config.frame_interval)
-    return fixed_bucket_config(config.image_size, config.num_frames, config.batch_size, config.frame_interval)
 
 
 def report_from_table(table_path: str | Path, config: TrainConfig, progress: bool = True) -> Report:
@@ -30,16 +21,9 @@ def report_from_table(table_path: str | Path, config: TrainConfig, progress: boo
     table = read_table(table_path)
     paths = table["path"].astype(str).tolist()
     texts = table["text"].fillna("").astype(str).tolist()
-    count = len(table)
-    frames = np.zeros(count, dtype=np.int64)
-    heights = np.zeros(count, dtype=np.int64)
-    widths = np.zeros(count, dtype=np.int64)
-    known = np.zeros(count, dtype=bool)
-    if all(column in table.columns for column in METADATA_COLUMNS[:3]):
-        values = table[list(METADATA_COLUMNS[:3])].apply(_to_int)
-        known = values.notna().all(axis=1).to_numpy()
-        filled = values.fillna(0).to_numpy(dtype=np.int64)
-        frames[known], heights[known], widths[known] = filled[known].T
+    metadata, has_size = read_metadata(table)
+    known = np.array(has_size, dtype=bool)  # grows as files are probed
+    frames, heights, widths = np.array(metadata[["num_frames", "height", "width"]].fillna(0), dtype=np.int64).T
 
     rejected: dict[str, list[str]] = {}
     unknown = np.flatnonzero(~known)
@@ -56,39 +40,31 @@ def report_from_table(table_path: str | Path, config: TrainConfig, progress: boo
 
     rows = np.flatnonzero(known)
     keys = sample_keys(sample_id(paths[row], texts[row]) for row in rows)
-    assignments = assign_buckets(bucket_config_of(config), frames[rows], heights[rows], widths[rows], keys, config.seed)
+    assignments = assign_buckets(config.buckets, frames[rows], heights[rows], widths[rows], keys, config.seed)
     return build_report(assignments, [paths[row] for row in rows], rejected)
-
-
-def _to_int(column: pd.Series) -> pd.Series:
-    """A metadata column as nullable integers; blanks and junk become missing (then probed)."""
-    return pd.to_numeric(column, errors="coerce").round().astype("Int64")
 
 
 def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
     """The report of a finished cache: its probe table through the same assignment, with the
     rows the cache rejected (unreadable files, failed decodes) counted by stage and reason."""
-    from pipelines import cache as C
-    from pipelines.preprocess import check_cache_matches
-
-    cache = C.Cache(cache_dir)  # refuses an unfinished folder
-    check_cache_matches(cache.store, config)
-    probed = cache.probe_table().to_pandas()
-    rejects = cache.rejects().to_pandas()
-    not_bucketing = rejects[rejects[C.STAGE] != "bucket"]
+    finished = cache.Cache(cache_dir)  # refuses an unfinished folder
+    cache.check_cache_matches(finished.store, config)
+    probed = finished.probe_table().to_pandas()
+    rejects = finished.rejects().to_pandas()
+    not_bucketing = rejects[rejects[cache.STAGE] != cache.BUCKETING]
     rejected: dict[str, list[str]] = {}
     for row in not_bucketing.itertuples(index=False):
         rejected.setdefault(f"{row.stage}: {row.reason}", []).append(row.path)
-    rows = probed[~probed[C.ROW].isin(set(not_bucketing[C.ROW]))]
+    rows = probed[~probed[cache.ROW].isin(set(not_bucketing[cache.ROW]))]
     assignments = assign_buckets(
-        bucket_config_of(config),
-        rows["src_num_frames"].to_numpy(),
-        rows["src_height"].to_numpy(),
-        rows["src_width"].to_numpy(),
-        sample_keys(rows[C.ID]),
+        config.buckets,
+        rows[cache.SRC_NUM_FRAMES].to_numpy(),
+        rows[cache.SRC_HEIGHT].to_numpy(),
+        rows[cache.SRC_WIDTH].to_numpy(),
+        sample_keys(rows[cache.ID]),
         config.seed,
     )
-    return build_report(assignments, rows[C.PATH].tolist(), rejected)
+    return build_report(assignments, rows[cache.PATH].tolist(), rejected)
 
 
 def bucket_report(source: str | Path, config: TrainConfig, as_json: bool, plot: str | Path | None) -> str:

@@ -16,6 +16,7 @@ a fresh posterior sample every step. Text embeddings hold the real tokens only.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -23,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import torch
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, TrainConfig
+from sora_model.loading import DTYPES
 
 FORMAT_VERSION = 2  # 2: rejects and probe tables carry the input row
 MANIFEST = "manifest.json"
@@ -36,6 +39,7 @@ PROBE = "probe.arrow"
 REJECTS = "rejects.arrow"
 BUCKETS_DIR = "buckets"
 WORK_DIR = ".work"  # resumable state of an unfinished run; removed when the manifest is written
+FINGERPRINT = f"{WORK_DIR}/fingerprint.json"  # what an unfinished run was started with
 
 # Column names (one place).
 ID = "id"
@@ -63,6 +67,9 @@ NUM_TOKENS = "num_tokens"
 STAGE = "stage"
 REASON = "reason"
 DETAIL = "detail"
+# probe.arrow only: the bucket a row was assigned to (None when dropped or rejected) and its shard.
+BUCKET = "bucket"
+SHARD = "shard"
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -94,7 +101,14 @@ REJECT_SCHEMA = pa.schema(
      (STAGE, pa.string()), (REASON, pa.string()), (DETAIL, pa.string())]
 )  # fmt: skip
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# While preprocessing, a row that fails gets these columns set (stage, reason, detail);
+# they become the stage, reason and detail columns of rejects.arrow. probe.arrow keeps them.
+REJECT_STAGE, REJECT_REASON, REJECT_DETAIL = REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
+# The stages named in rejects.arrow, in pipeline order.
+VALIDATE, PROBE_STAGE, BUCKETING, DECODE, ENCODE = "validate", "probe", "bucket", "decode", "encode"
+
+# Tensors are stored under torch's dtype names ("bfloat16"); the config's names ("bf16") map to them.
+_STORED_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPES.values()}
 
 
 def tensor_to_bytes(tensor: torch.Tensor) -> tuple[bytes, list[int], str]:
@@ -107,7 +121,7 @@ def tensor_to_bytes(tensor: torch.Tensor) -> tuple[bytes, list[int], str]:
 
 def bytes_to_tensor(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
     """Inverse of `tensor_to_bytes` (a copy, writable)."""
-    torch_dtype = TORCH_DTYPES[dtype]
+    torch_dtype = _STORED_DTYPES[dtype]
     return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape)
 
 
@@ -231,6 +245,11 @@ class Cache:
     def rejects(self) -> pa.Table:
         return self.store.read_table(REJECTS)
 
+    def text_dim(self) -> int:
+        """Channels of the cached caption embeddings (the text encoder's width)."""
+        first = self.table(self.buckets()[0]).slice(0, 1).to_pylist()[0]
+        return int(first[TEXT_SHAPE][1])
+
     def iter_samples(self, bucket: str) -> Iterator[CachedSample]:
         for shard in self.shards(bucket):
             for row in self.store.read_table(shard).to_pylist():
@@ -248,3 +267,88 @@ def sample_from_row(row: dict[str, Any], bucket: str) -> CachedSample:
         text_embedding=bytes_to_tensor(row[TEXT_EMB], row[TEXT_SHAPE], row[TEXT_DTYPE]),
         fps=float(row[FPS]),
     )
+
+
+# --------------------------------------------------------------------------- rejects
+
+
+def rejects_table(rows: pd.DataFrame) -> pa.Table:
+    """The rows of a preprocessing frame that carry a reject, as rejects.arrow's schema."""
+    failed = rows[rows[REJECT_STAGE].notna()]
+    renamed = failed.rename(columns=dict(zip(REJECT_COLUMNS, (STAGE, REASON, DETAIL), strict=True)))
+    return pa.Table.from_pandas(
+        renamed[list(REJECT_SCHEMA.names)].fillna({DETAIL: ""}), schema=REJECT_SCHEMA, preserve_index=False
+    )
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _model_identity(name: str, revision: str | None) -> str:
+    """A hub model by name and revision; a local folder by its config and weight files' names and sizes."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return f"{name}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}\n".encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
+def fingerprint(config: TrainConfig, input_digest: str | None = None) -> dict[str, str]:
+    """Everything that changes the bytes of a cache, by name (so a mismatch can say what differs)."""
+    # Batch sizes only matter to training: changing them keeps the cache valid.
+    if config.bucket_config is not None:
+        buckets: Any = {
+            res: {t: keep for t, (keep, _) in frames.items()} for res, frames in config.bucket_config.items()
+        }
+    else:
+        buckets = (config.image_size, config.num_frames)
+    parts = {
+        "format_version": str(FORMAT_VERSION),
+        "vae": _model_identity(config.vae.from_pretrained, config.vae.revision) + f"/{config.vae.subfolder}",
+        "text_encoder": _model_identity(config.text_encoder.from_pretrained, config.text_encoder.revision),
+        "dtype": config.dtype,
+        "model_max_length": str(config.text_encoder.model_max_length),
+        "frame_interval": str(config.frame_interval),
+        "buckets": json.dumps(buckets, sort_keys=True, default=str),
+        "cache_frames_factor": str(config.cache_frames_factor),
+        "latents": "posterior mean and logvar, scaled",
+        "seed": str(config.seed),  # keep_prob draws depend on it
+    }
+    if input_digest is not None:
+        parts["input"] = input_digest
+    return parts
+
+
+def _differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def check_cache_matches(store: Store, config: TrainConfig) -> None:
+    """Refuse a finished cache written under other settings than `config` (input aside)."""
+    found = store.read_json(MANIFEST)["fingerprint"]
+    differences = [d for d in _differences(found, fingerprint(config)) if not d.startswith("input")]
+    if differences:
+        raise ConfigError(f"{store.location} was made with other settings than this config: {'; '.join(differences)}")
+
+
+def check_same_run(store: Store, parts: dict[str, str]) -> None:
+    """Refuse to add rows to a cache (finished or not) that another config or input started."""
+    for name in (MANIFEST, FINGERPRINT):
+        if not store.exists(name):
+            continue
+        found = store.read_json(name)
+        differences = _differences(found.get("fingerprint", found) if name == MANIFEST else found, parts)
+        if differences:
+            raise ConfigError(
+                f"{store.location} holds a cache made with other settings; it is never mixed with new rows. "
+                f"What differs: {'; '.join(differences)}. Use another --cache-dir, or remove {store.location}"
+            )

@@ -45,6 +45,26 @@ def _read_csv(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, engine="c", encoding_errors="replace", **options)
 
 
+def read_metadata(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """The table's metadata columns as numbers, and which rows have a usable size.
+
+    num_frames, height and width become integers, rounded (a tool that wrote 719.9999 meant
+    720); blanks and junk become missing, and such rows are probed. fps stays a float.
+    Absent columns are all missing. `sora preprocess` and `sora bucket-report` both read
+    the table through here, so they agree on every row's bucket.
+    """
+    columns = {}
+    for name in METADATA_COLUMNS:
+        values = (
+            pd.to_numeric(table[name], errors="coerce")
+            if name in table.columns
+            else pd.Series(float("nan"), index=table.index)
+        )
+        columns[name] = values.astype("float64") if name == "fps" else values.round().astype("Int64")
+    metadata = pd.DataFrame(columns, index=table.index)
+    return metadata, metadata[list(METADATA_COLUMNS[:3])].notna().all(axis=1)
+
+
 def resolve_paths(paths: pd.Series, table_path: str | Path, root: str | None) -> list[Path]:
     """Relative paths resolve against `root` when the config sets it, else the table's folder."""
     # Absolute, so workers on other machines (or in other folders) find the same files.

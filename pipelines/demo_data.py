@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from pipelines.media import encode_mp4
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -186,21 +187,7 @@ def _atomic(target: Path, write) -> None:
 
 
 def _write_mp4(path: Path, item: DemoItem) -> None:
-    with av.open(str(path), mode="w", format="mp4") as container:
-        # One encoder thread and fixed settings: the same frames give the same bytes.
-        options = {
-            "crf": "20",
-            "preset": "veryfast",
-            "x264-params": "threads=1:lookahead-threads=1:bframes=0",
-        }
-        stream = container.add_stream("libx264", rate=item.fps, options=options)
-        stream.width, stream.height = item.width, item.height
-        stream.pix_fmt = "yuv420p"
-        for frame in render_frames(item):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path.write_bytes(encode_mp4(render_frames(item), item.fps, crf=20))
 
 
 def _write_image(path: Path, frame: np.ndarray, name: str) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import av
@@ -84,3 +87,29 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     top, left = (new_h - height) // 2, (new_w - width) // 2
     video = video[:, :, top : top + height, left : left + width]  # (F, 3, height, width)
     return (video.clamp(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()  # (3, F, height, width)
+
+
+def encode_mp4(frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> bytes:
+    """(H, W, 3) uint8 frames -> the bytes of an H.264 mp4; the same frames give the same bytes."""
+    frames = iter(frames)
+    first = next(frames)
+    buffer = io.BytesIO()
+    # One encoder thread, and no macroblock-tree rate control: with it, x264 gave different
+    # bytes for the same frames from one call to the next (seen on noisy frames, in threads).
+    options = {"crf": str(crf), "x264-params": "threads=1:mbtree=0"}
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream.height, stream.width, stream.pix_fmt = first.shape[0], first.shape[1], "yuv420p"
+        for frame in itertools.chain([first], frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def write_mp4(frames: Iterable[np.ndarray], path: Path, fps: int, crf: int = 18) -> None:
+    """Write an mp4 under a temporary name and rename it: no partial file is ever visible."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encode_mp4(frames, fps, crf))
+    tmp.replace(path)

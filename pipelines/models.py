@@ -2,41 +2,11 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 
+from pipelines.checkpoint import resolve_weights
 from pipelines.config import ConfigError, ModelConfig, TextEncoderConfig, VaeConfig
-
-# `sora train` writes <outputs>/NNN-<model>/checkpoints/step-NNNNNNN/ and marks each one
-# COMPLETE once every worker's files are in.
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete `step-*` checkpoint of an experiment (or the folder itself if it is one)."""
-    folder = Path(folder)
-    if (folder / "state.json").is_file():
-        return folder
-    found = sorted((folder / CHECKPOINTS).glob("step-*")) if (folder / CHECKPOINTS).is_dir() else []
-    found = [path for path in found if (path / COMPLETE).is_file()]
-    return found[-1] if found else None
-
-
-def resolve_weights(path: str) -> str:
-    """What `--ckpt-path` names: a file or checkpoint folder as is; an experiment folder or a
-    `sora train --outputs` folder as its newest complete checkpoint (newest experiment first)."""
-    folder = Path(path)
-    if not folder.is_dir() or (folder / "state.json").is_file():
-        return path
-    experiments = sorted(p for p in folder.iterdir() if p.is_dir() and re.match(r"\d{3}-", p.name))
-    for candidate in [folder, *reversed(experiments)]:
-        checkpoint = latest_checkpoint(candidate)
-        if checkpoint is not None:
-            return str(checkpoint)
-    return path  # a folder of weights (safetensors, pytorch_model.bin), or an error from the loader
+from sora_model.sizes import MODEL_SIZES, Family
 
 
 def load_vae(config: VaeConfig, dtype: torch.dtype):
@@ -73,7 +43,6 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
     `latent_size` (T, H, W) is the fixed input size that STDiT and DiT build their position
     embeddings for; STDiT2 takes any size and ignores it.
     """
-    from sora_model.sizes import MODEL_SIZES, Family
     from sora_model.stdit import build_model
 
     options: dict = {"enable_flashattn": config.enable_flashattn}
@@ -94,3 +63,16 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
         enable_layernorm_kernel=config.enable_layernorm_kernel,
         **options,
     )
+
+
+def size_inputs(model_type: str, batch: int, device: torch.device, height, width, num_frames, fps) -> dict:
+    """The size conditioning STDiT2 takes, as (batch,) float tensors; nothing for other models.
+
+    Each value is a number or a (batch,) tensor: the sampler gives one size for the whole
+    guidance batch, training gives each sample's own (fps differs within a bucket).
+    """
+    if MODEL_SIZES[model_type].family is not Family.STDIT2:
+        return {}
+    values = {"height": height, "width": width, "num_frames": num_frames, "fps": fps}
+    return {name: torch.as_tensor(value, dtype=torch.float32, device=device).expand(batch)
+            for name, value in values.items()}  # fmt: skip

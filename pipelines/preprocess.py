@@ -14,7 +14,6 @@ run writes. A cache written under another fingerprint is never mixed with new ro
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -29,19 +28,33 @@ import pyarrow as pa
 import torch
 
 from bucketing.assign import Bucket, assign_buckets, sample_keys
-from pipelines import cache as C
-from pipelines.bucket_report import bucket_config_of
+from pipelines import cache
+from pipelines.cache import (
+    BUCKET,
+    BUCKETING,
+    DECODE,
+    ENCODE,
+    PROBE_STAGE,
+    REJECT_COLUMNS,
+    REJECT_STAGE,
+    SHARD,
+    SRC_FPS,
+    SRC_HEIGHT,
+    SRC_NUM_FRAMES,
+    SRC_WIDTH,
+    VALIDATE,
+)
+from pipelines.cluster import connect
 from pipelines.config import ConfigError, TrainConfig
-from pipelines.dataset import read_table, resolve_paths, sample_id
+from pipelines.dataset import METADATA_COLUMNS, read_metadata, read_table, resolve_paths, sample_id
 from pipelines.media import DecodeError, frame_indices, read_frames, resize_crop
 from pipelines.models import load_text_encoder, load_vae
 from pipelines.probe import ProbeError, probe
 from sora_model.loading import torch_dtype
 
 # Stages named in rejects.arrow.
-VALIDATE, PROBE, BUCKET, DECODE, ENCODE = "validate", "probe", "bucket", "decode", "encode"
-REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
-FINGERPRINT = f"{C.WORK_DIR}/fingerprint.json"  # what an unfinished run was started with
+FILE = "file"  # a working column: the path resolved for this machine; never written
+SOURCE_SIZE = [SRC_NUM_FRAMES, SRC_HEIGHT, SRC_WIDTH]  # what bucketing needs of each row
 
 
 class Rejects:
@@ -70,54 +83,6 @@ class Rejects:
         return batch.assign(**values, **columns)
 
 
-# --------------------------------------------------------------------------- fingerprint
-
-
-def _model_identity(name: str, revision: str | None) -> str:
-    """A hub model by name and revision; a local folder by its config and weight files' names and sizes."""
-    folder = Path(name)
-    if not folder.is_dir():
-        return f"{name}@{revision or 'main'}"
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}\n".encode())
-            if file.suffix == ".json":
-                digest.update(file.read_bytes())
-    return f"local:{digest.hexdigest()[:16]}"
-
-
-def fingerprint_parts(config: TrainConfig) -> dict[str, str]:
-    """Everything that changes the bytes of a cache, by name (so a mismatch can say what differs)."""
-    # Batch sizes only matter to training: changing them keeps the cache valid.
-    if config.bucket_config is not None:
-        buckets: Any = {
-            res: {t: keep for t, (keep, _) in frames.items()} for res, frames in config.bucket_config.items()
-        }
-    else:
-        buckets = (config.image_size, config.num_frames)
-    return {
-        "format_version": str(C.FORMAT_VERSION),
-        "vae": _model_identity(config.vae.from_pretrained, config.vae.revision) + f"/{config.vae.subfolder}",
-        "text_encoder": _model_identity(config.text_encoder.from_pretrained, config.text_encoder.revision),
-        "dtype": config.dtype,
-        "model_max_length": str(config.text_encoder.model_max_length),
-        "frame_interval": str(config.frame_interval),
-        "buckets": json.dumps(buckets, sort_keys=True, default=str),
-        "cache_frames_factor": str(config.cache_frames_factor),
-        "latents": "posterior mean and logvar, scaled",
-        "seed": str(config.seed),  # keep_prob draws depend on it
-    }
-
-
-def _differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    return [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
-
-
 # --------------------------------------------------------------------------- stages (Ray Data)
 
 
@@ -126,14 +91,14 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
     count = len(batch)
     frames, heights, widths, fps = [0] * count, [0] * count, [0] * count, [0.0] * count
     rejects = Rejects(batch)
-    for row, file in enumerate(batch["file"].tolist()):
+    for row, file in enumerate(batch[FILE].tolist()):
         try:
             found = probe(file)
         except ProbeError as error:
-            rejects.set(row, PROBE, error.reason, error.detail)
+            rejects.set(row, PROBE_STAGE, error.reason, error.detail)
             continue
         except Exception as error:  # one bad file must not drop the block
-            rejects.set(row, PROBE, "probe failed", repr(error))
+            rejects.set(row, PROBE_STAGE, "probe failed", repr(error))
             continue
         frames[row], heights[row], widths[row], fps[row] = found.num_frames, found.height, found.width, found.fps
     return rejects.into(batch, src_num_frames=frames, src_height=heights, src_width=widths, src_fps=fps)
@@ -198,14 +163,19 @@ class VaeEncode:
                 video = (pixels.float() / 127.5 - 1.0)[None].to(self.device)  # (1, 3, F, H, W)
                 # One sample at a time: its latents never depend on what else is in the batch.
                 mean, logvar = self.vae.encode_moments(video)  # (1, 4, F, h, w) each
-                mean_bytes, shape, dtype = C.tensor_to_bytes(mean[0].to(self.store))
-                logvar_bytes, _, _ = C.tensor_to_bytes(logvar[0].to(self.store))
+                mean_bytes, shape, dtype = cache.tensor_to_bytes(mean[0].to(self.store))
+                logvar_bytes, _, _ = cache.tensor_to_bytes(logvar[0].to(self.store))
             except Exception as error:  # one bad row must not drop the block
                 rejects.set(i, ENCODE, "VAE failed", repr(error))
                 means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
                 continue
             means.append(mean_bytes), logvars.append(logvar_bytes), shapes.append(shape), dtypes.append(dtype)
-        columns = {C.LATENT_MEAN: means, C.LATENT_LOGVAR: logvars, C.LATENT_SHAPE: shapes, C.LATENT_DTYPE: dtypes}
+        columns = {
+            cache.LATENT_MEAN: means,
+            cache.LATENT_LOGVAR: logvars,
+            cache.LATENT_SHAPE: shapes,
+            cache.LATENT_DTYPE: dtypes,
+        }
         span = [(started, time.perf_counter())] * len(batch)  # for the run's summary
         return rejects.into(batch.drop(columns=["frames", "frames_shape"]), vae_span=span, **columns)
 
@@ -228,15 +198,20 @@ class TextEncode:
         started = time.perf_counter()
         if rows:
             try:
-                states, mask = self.encoder.encode([batch[C.TEXT].iat[i] for i in rows])  # (B, L, D), (B, L)
+                states, mask = self.encoder.encode([batch[cache.TEXT].iat[i] for i in rows])  # (B, L, D), (B, L)
                 for slot, i in enumerate(rows):
                     real = int(mask[slot].sum())
-                    embeddings[i], shapes[i], dtypes[i] = C.tensor_to_bytes(states[slot, :real].to(self.store))
+                    embeddings[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(states[slot, :real].to(self.store))
                     tokens[i] = real
             except Exception as error:  # one bad batch is rejected row by row
                 for i in rows:
                     rejects.set(i, ENCODE, "T5 failed", repr(error))
-        columns = {C.TEXT_EMB: embeddings, C.TEXT_SHAPE: shapes, C.TEXT_DTYPE: dtypes, C.NUM_TOKENS: tokens}
+        columns = {
+            cache.TEXT_EMB: embeddings,
+            cache.TEXT_SHAPE: shapes,
+            cache.TEXT_DTYPE: dtypes,
+            cache.NUM_TOKENS: tokens,
+        }
         return rejects.into(batch, text_span=[(started, time.perf_counter())] * count, **columns)
 
 
@@ -319,28 +294,27 @@ def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None =
     """Run (or resume) preprocessing of `config.data_path` into `cache_dir`."""
     if config.data_path is None:
         raise ConfigError("no input table: give DATA.csv (or set data_path in the config)")
-    cache = C.Store(cache_dir)
+    store = cache.Store(cache_dir)
     table_path = Path(config.data_path)
     table = read_table(table_path)  # fails here, before any work, on a missing column
-    parts = fingerprint_parts(config)
-    parts["input"] = _input_digest(table)
-    _check_fingerprint(cache, parts)
-    if cache.exists(C.MANIFEST):
-        _log(f"{cache.location} is up to date with this config and input; nothing to do")
-        return _summary_from_manifest(cache.read_json(C.MANIFEST), up_to_date=True)
-    if not cache.exists(FINGERPRINT) and not cache.is_empty():
-        raise ConfigError(f"{cache.location} exists and is not a cache; give an empty or new --cache-dir")
-    cache.write_json(FINGERPRINT, parts)
+    parts = cache.fingerprint(config, _input_digest(table))
+    cache.check_same_run(store, parts)
+    if store.exists(cache.MANIFEST):
+        _log(f"{store.location} is up to date with this config and input; nothing to do")
+        return _summary_from_manifest(store.read_json(cache.MANIFEST), up_to_date=True)
+    if not store.exists(cache.FINGERPRINT) and not store.is_empty():
+        raise ConfigError(f"{store.location} exists and is not a cache; give an empty or new --cache-dir")
+    store.write_json(cache.FINGERPRINT, parts)
 
-    probed = _load_or_probe(cache, table, table_path, config, address)
-    plan = probed[probed["shard"].notna()]
-    done = {shard for shard in plan["shard"].unique() if cache.exists(f"{C.BUCKETS_DIR}/{shard}.arrow")}
-    pending = plan[~plan["shard"].isin(done)]
+    probed = _load_or_probe(store, table, table_path, config, address)
+    plan = probed[probed[SHARD].notna()]
+    done = {shard for shard in plan[SHARD].unique() if store.exists(f"{cache.BUCKETS_DIR}/{shard}.arrow")}
+    pending = plan[~plan[SHARD].isin(done)]
     _log(f"{len(plan)} rows to encode in {plan['shard'].nunique()} shards; {len(done)} shards already done")
     timing: dict[str, float] = {}
     if len(pending):
-        timing = _encode(pending, cache, config, address)
-    summary = _finish(cache, probed, parts)
+        timing = _encode(pending, store, config, address)
+    summary = _finish(store, probed, parts)
     for name, value in timing.items():
         setattr(summary, name, value)
     return summary
@@ -353,121 +327,92 @@ def _input_digest(table: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_cache_matches(cache: C.Store, config: TrainConfig) -> None:
-    """Refuse a finished cache written under other settings than `config` (input aside)."""
-    manifest = cache.read_json(C.MANIFEST)
-    differences = [
-        d for d in _differences(manifest["fingerprint"], fingerprint_parts(config)) if not d.startswith("input")
-    ]
-    if differences:
-        raise ConfigError(f"{cache.location} was made with other settings than this config: {'; '.join(differences)}")
-
-
-def _check_fingerprint(cache: C.Store, parts: dict[str, str]) -> None:
-    for name in (C.MANIFEST, FINGERPRINT):
-        if not cache.exists(name):
-            continue
-        found = cache.read_json(name)
-        old = found.get("fingerprint", found) if name == C.MANIFEST else found
-        differences = _differences(old, parts)
-        if differences:
-            raise ConfigError(
-                f"{cache.location} holds a cache made with other settings; it is never mixed with new rows. "
-                f"What differs: {'; '.join(differences)}. Use another --cache-dir, or remove {cache.location}"
-            )
-
-
-def _init_ray(address: str | None) -> float:
+def _connect(address: str | None) -> float:
+    """Join the cluster (or start a local one); returns its GPU count."""
     import ray
 
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # Locally, logical CPUs only gate scheduling: give every stage a slot on a small machine.
-            ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    # Locally, logical CPUs only gate scheduling: give every stage a slot on a small machine.
+    connect(address, local_cpus=max(8, os.cpu_count() or 1))
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _load_or_probe(cache: C.Store, table: pd.DataFrame, table_path: Path, config: TrainConfig, address) -> pd.DataFrame:
+def _load_or_probe(
+    store: cache.Store, table: pd.DataFrame, table_path: Path, config: TrainConfig, address
+) -> pd.DataFrame:
     """Every input row with probe metadata, bucket or drop reason, and shard (probe.arrow)."""
-    if cache.exists(C.PROBE):
-        return cache.read_table(C.PROBE).to_pandas()
+    if store.exists(cache.PROBE):
+        return store.read_table(cache.PROBE).to_pandas()
     frame = pd.DataFrame(
         {
-            C.PATH: table["path"].astype(str),
-            C.TEXT: table["text"].fillna("").astype(str),
+            cache.PATH: table["path"].astype(str),
+            cache.TEXT: table["text"].fillna("").astype(str),
         }
     )
-    frame[C.ROW] = np.arange(len(frame))  # the input row, for messages and for merging results back
-    frame["file"] = [str(p) for p in resolve_paths(frame[C.PATH], table_path, config.root)]
-    frame[C.ID] = [sample_id(p, t) for p, t in zip(frame[C.PATH], frame[C.TEXT], strict=True)]
+    frame[cache.ROW] = np.arange(len(frame))  # the input row, for messages and for merging results back
+    frame[FILE] = [str(p) for p in resolve_paths(frame[cache.PATH], table_path, config.root)]
+    frame[cache.ID] = [sample_id(p, t) for p, t in zip(frame[cache.PATH], frame[cache.TEXT], strict=True)]
     for column in REJECT_COLUMNS:
         frame[column] = None
     _validate(frame)
-    metadata = {"num_frames": "src_num_frames", "height": "src_height", "width": "src_width", "fps": "src_fps"}
-    for source, target in metadata.items():
-        values = pd.to_numeric(table[source], errors="coerce") if source in table.columns else np.nan
-        frame[target] = values
-    known = frame[["src_num_frames", "src_height", "src_width"]].notna().all(axis=1)
-    frame["src_fps"] = frame["src_fps"].fillna(0.0)
-    to_probe = frame[~known & frame["reject_stage"].isna()]
+    metadata, known = read_metadata(table)
+    for target, source in zip([*SOURCE_SIZE, SRC_FPS], METADATA_COLUMNS, strict=True):
+        frame[target] = metadata[source]
+    frame[SRC_FPS] = frame[SRC_FPS].fillna(0.0)
+    to_probe = frame[~known & frame[REJECT_STAGE].isna()]
     if len(to_probe):
-        _init_ray(address)
+        _connect(address)
         import ray
 
         res = config.preprocess.probe
-        ready = to_probe.assign(src_num_frames=0, src_height=0, src_width=0, src_fps=0.0)
+        ready = to_probe.assign(**dict.fromkeys(SOURCE_SIZE, 0), **{SRC_FPS: 0.0})
         chunks = [ready.iloc[i : i + res.batch_size] for i in range(0, len(ready), res.batch_size)]
         probed = ray.data.from_pandas(chunks).map_batches(
             probe_batch, batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
             num_cpus=res.num_cpus,
         ).to_pandas()  # fmt: skip
-        columns = ["src_num_frames", "src_height", "src_width", "src_fps", *REJECT_COLUMNS]
-        probed = probed.sort_values(C.ROW)
+        columns = [*SOURCE_SIZE, SRC_FPS, *REJECT_COLUMNS]
+        probed = probed.sort_values(cache.ROW)
         frame[columns] = frame[columns].astype(object)
-        frame.loc[probed[C.ROW].to_numpy(), columns] = probed[columns].to_numpy()
-    frame[["src_num_frames", "src_height", "src_width"]] = (
-        frame[["src_num_frames", "src_height", "src_width"]].fillna(0).astype("int64")
-    )
-    frame["src_fps"] = frame["src_fps"].astype("float64")
+        frame.loc[probed[cache.ROW].to_numpy(), columns] = probed[columns].to_numpy()
+    frame[SOURCE_SIZE] = frame[SOURCE_SIZE].fillna(0).astype("int64")
+    frame[SRC_FPS] = frame[SRC_FPS].astype("float64")
     _assign(frame, config)
-    cache.write_table(C.PROBE, pa.Table.from_pandas(frame.drop(columns=["file"]), preserve_index=False))
-    return frame.drop(columns=["file"])
+    store.write_table(cache.PROBE, pa.Table.from_pandas(frame.drop(columns=[FILE]), preserve_index=False))
+    return frame.drop(columns=[FILE])
 
 
 def _validate(frame: pd.DataFrame) -> None:
     """Rows that cannot be used whatever their file holds: no path, no caption, bad text, duplicates."""
     checks = [
-        (frame[C.PATH].str.strip() == "", "empty path"),
-        (frame[C.TEXT].str.strip() == "", "empty caption"),
-        (frame[C.TEXT].str.contains("\ufffd", regex=False), "undecodable text (not UTF-8)"),
-        (frame[C.ID].duplicated(), "duplicate row (same path and caption)"),
+        (frame[cache.PATH].str.strip() == "", "empty path"),
+        (frame[cache.TEXT].str.strip() == "", "empty caption"),
+        (frame[cache.TEXT].str.contains("\ufffd", regex=False), "undecodable text (not UTF-8)"),
+        (frame[cache.ID].duplicated(), "duplicate row (same path and caption)"),
     ]
     for mask, reason in checks:
-        fresh = mask & frame["reject_stage"].isna()
+        fresh = mask & frame[REJECT_STAGE].isna()
         frame.loc[fresh, list(REJECT_COLUMNS)] = [VALIDATE, reason, ""]
 
 
 def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
     """Bucket every probed row; plan shards: per bucket, rows sorted by id, rows_per_shard each."""
-    for column in ("bucket", C.RESOLUTION, C.ASPECT, "shard"):
+    for column in (BUCKET, cache.RESOLUTION, cache.ASPECT, SHARD):
         frame[column] = None
-    for column in (C.NUM_FRAMES, C.HEIGHT, C.WIDTH):
+    for column in (cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH):
         frame[column] = 0
-    ok = np.flatnonzero(frame["reject_stage"].isna().to_numpy())
+    ok = np.flatnonzero(frame[REJECT_STAGE].isna().to_numpy())
     assignments = assign_buckets(
-        bucket_config_of(config),
-        frame["src_num_frames"].to_numpy()[ok],
-        frame["src_height"].to_numpy()[ok],
-        frame["src_width"].to_numpy()[ok],
-        sample_keys(frame[C.ID].iloc[ok]),
+        config.buckets,
+        frame[SRC_NUM_FRAMES].to_numpy()[ok],
+        frame[SRC_HEIGHT].to_numpy()[ok],
+        frame[SRC_WIDTH].to_numpy()[ok],
+        sample_keys(frame[cache.ID].iloc[ok]),
         config.seed,
     )
     for slot, row in enumerate(ok):
         bucket = assignments.bucket(slot)
         if isinstance(bucket, Bucket):
-            frame.loc[row, ["bucket", C.RESOLUTION, C.ASPECT, C.NUM_FRAMES, C.HEIGHT, C.WIDTH]] = [
+            frame.loc[row, [BUCKET, cache.RESOLUTION, cache.ASPECT, cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH]] = [
                 bucket.name,
                 bucket.resolution,
                 bucket.aspect,
@@ -476,24 +421,24 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
                 bucket.width,
             ]
         else:
-            frame.loc[row, list(REJECT_COLUMNS)] = [BUCKET, bucket.description, ""]
+            frame.loc[row, list(REJECT_COLUMNS)] = [BUCKETING, bucket.description, ""]
     rows_per_shard = config.preprocess.rows_per_shard
-    for name, group in frame[frame["bucket"].notna()].groupby("bucket"):
-        ordered = group.sort_values(C.ID).index
-        frame.loc[ordered, "shard"] = [f"{name}/part-{i // rows_per_shard:05d}" for i in range(len(ordered))]
+    for name, group in frame[frame[BUCKET].notna()].groupby(BUCKET):
+        ordered = group.sort_values(cache.ID).index
+        frame.loc[ordered, SHARD] = [f"{name}/part-{i // rows_per_shard:05d}" for i in range(len(ordered))]
 
 
-def _encode(pending: pd.DataFrame, cache: C.Store, config: TrainConfig, address: str | None) -> dict[str, float]:
+def _encode(pending: pd.DataFrame, store: cache.Store, config: TrainConfig, address: str | None) -> dict[str, float]:
     import ray
 
-    cluster_gpus = _init_ray(address)
+    cluster_gpus = _connect(address)
     _check_resources(config, ray.cluster_resources())
     rows = pending.copy()
-    rows["file"] = [str(p) for p in resolve_paths(rows[C.PATH], Path(config.data_path), config.root)]
-    rows = rows.sort_values(["shard", C.ID])  # shards complete one after another
-    expected = rows.groupby("shard").size().to_dict()
+    rows[FILE] = [str(p) for p in resolve_paths(rows[cache.PATH], Path(config.data_path), config.root)]
+    rows = rows.sort_values([SHARD, cache.ID])  # shards complete one after another
+    expected = rows.groupby(SHARD).size().to_dict()
     # One block per shard: blocks stream through the stages and shards complete in order.
-    dataset = ray.data.from_pandas([group for _, group in rows.groupby("shard", sort=True)])
+    dataset = ray.data.from_pandas([group for _, group in rows.groupby(SHARD, sort=True)])
     buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
     counts: Counter[str] = Counter()
     started = time.perf_counter()
@@ -503,11 +448,11 @@ def _encode(pending: pd.DataFrame, cache: C.Store, config: TrainConfig, address:
         batch = Rejects(arrived).into(pd.DataFrame({c: arrived[c].tolist() for c in arrived.columns}))
         spans["vae"].update(map(tuple, batch["vae_span"]))
         spans["text"].update(map(tuple, batch["text_span"]))
-        for shard, part in batch.groupby("shard"):
+        for shard, part in batch.groupby(SHARD):
             buffers[shard].append(part)
             counts[shard] += len(part)
             if counts[shard] == expected[shard]:
-                _write_shard(cache, shard, pd.concat(buffers.pop(shard)), config.frame_interval)
+                _write_shard(store, shard, pd.concat(buffers.pop(shard)), config.frame_interval)
     total = time.perf_counter() - started
     busy = {name: sum(end - start for start, end in found) for name, found in spans.items()}
     # Steady state: from the VAE's first call to its last, how much of the time it was computing.
@@ -536,49 +481,34 @@ def _check_resources(config: TrainConfig, cluster: dict[str, float]) -> None:
         )
 
 
-def _write_shard(cache: C.Store, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
+def _write_shard(store: cache.Store, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
     """Rejects of the shard first (in the work folder), then the shard itself: both atomic."""
-    rows = rows.sort_values(C.ID)
-    failed = rows[rows["reject_stage"].notna()]
-    kept = rows[rows["reject_stage"].isna()]
-    rejects = pa.Table.from_pandas(
-        failed.rename(columns=dict(zip(REJECT_COLUMNS, (C.STAGE, C.REASON, C.DETAIL), strict=True)))[
-            list(C.REJECT_SCHEMA.names)
-        ],
-        schema=C.REJECT_SCHEMA,
-        preserve_index=False,
+    rows = rows.sort_values(cache.ID)
+    store.write_table(f"{cache.WORK_DIR}/rejects/{shard.replace('/', '__')}.arrow", cache.rejects_table(rows))
+    kept = rows[rows[REJECT_STAGE].isna()]
+    kept = kept.assign(**{cache.FPS: kept[SRC_FPS] / frame_interval})
+    table = pa.Table.from_pandas(
+        kept[list(cache.SAMPLE_SCHEMA.names)], schema=cache.SAMPLE_SCHEMA, preserve_index=False
     )
-    cache.write_table(f"{C.WORK_DIR}/rejects/{shard.replace('/', '__')}.arrow", rejects)
-    kept = kept.assign(**{C.FPS: kept["src_fps"] / frame_interval})
-    table = pa.Table.from_pandas(kept[list(C.SAMPLE_SCHEMA.names)], schema=C.SAMPLE_SCHEMA, preserve_index=False)
-    cache.write_table(f"{C.BUCKETS_DIR}/{shard}.arrow", table)
+    store.write_table(f"{cache.BUCKETS_DIR}/{shard}.arrow", table)
 
 
-def _finish(cache: C.Store, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
+def _finish(store: cache.Store, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
     """rejects.arrow from the probe table and the shards' rejects, then the manifest, last."""
-    early = probed[probed["reject_stage"].notna()]
-    tables = [
-        pa.Table.from_pandas(
-            early.rename(columns=dict(zip(REJECT_COLUMNS, (C.STAGE, C.REASON, C.DETAIL), strict=True)))[
-                list(C.REJECT_SCHEMA.names)
-            ].fillna({C.DETAIL: ""}),
-            schema=C.REJECT_SCHEMA,
-            preserve_index=False,
-        )
-    ]
-    tables += [cache.read_table(path) for path in cache.files(f"{C.WORK_DIR}/rejects", "*.arrow")]
-    rejects = pa.concat_tables(tables).sort_by(C.ROW)  # in the input's order
-    cache.write_table(C.REJECTS, rejects)
+    tables = [cache.rejects_table(probed)]  # rows that never reached a shard
+    tables += [store.read_table(path) for path in store.files(f"{cache.WORK_DIR}/rejects", "*.arrow")]
+    rejects = pa.concat_tables(tables).sort_by(cache.ROW)  # in the input's order
+    store.write_table(cache.REJECTS, rejects)
 
     kept: Counter[str] = Counter()
-    for shard in cache.files(C.BUCKETS_DIR, "part-*.arrow"):
-        kept[shard.split("/")[-2]] += cache.read_table(shard).num_rows
-    stages = rejects.column(C.STAGE).to_pylist()
-    reasons = rejects.column(C.REASON).to_pylist()
-    dropped = Counter(r for s, r in zip(stages, reasons, strict=True) if s == BUCKET)
-    rejected = Counter(f"{s}: {r}" for s, r in zip(stages, reasons, strict=True) if s != BUCKET)
+    for shard in store.files(cache.BUCKETS_DIR, "part-*.arrow"):
+        kept[shard.split("/")[-2]] += store.read_table(shard).num_rows
+    stages = rejects.column(cache.STAGE).to_pylist()
+    reasons = rejects.column(cache.REASON).to_pylist()
+    dropped = Counter(r for s, r in zip(stages, reasons, strict=True) if s == BUCKETING)
+    rejected = Counter(f"{s}: {r}" for s, r in zip(stages, reasons, strict=True) if s != BUCKETING)
     manifest = {
-        "format_version": C.FORMAT_VERSION,
+        "format_version": cache.FORMAT_VERSION,
         "fingerprint": parts,
         "buckets": {name: count for name, count in sorted(kept.items()) if count},
         "rows_in": len(probed),
@@ -590,8 +520,8 @@ def _finish(cache: C.Store, probed: pd.DataFrame, parts: dict[str, str]) -> Summ
     }
     if manifest["rows_in"] != manifest["kept"] + manifest["rejected"] + manifest["dropped"]:
         raise RuntimeError(f"row accounting is off: {manifest}")  # a bug, never a user error
-    cache.write_json(C.MANIFEST, manifest)
-    cache.delete_dir(C.WORK_DIR)
+    store.write_json(cache.MANIFEST, manifest)
+    store.delete_dir(cache.WORK_DIR)
     return _summary_from_manifest(manifest)
 
 

@@ -12,19 +12,19 @@ The same pieces serve HTTP requests (`pipelines/serve.py`):
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
+from pipelines.checkpoint import resolve_weights
 from pipelines.config import ConfigError, InferenceConfig
-from pipelines.media import DecodeError, read_frames, resize_crop
+from pipelines.media import DecodeError, read_frames, resize_crop, write_mp4
+from pipelines.models import load_model, load_text_encoder, load_vae, size_inputs
 from pipelines.probe import ProbeError, probe
 from sora_model.loading import torch_dtype
 from sora_model.mask_strategy import ConditionError, MaskTuple, check_strategy, frames_needed, parse_mask_strategy
@@ -198,30 +198,6 @@ def video_name(index: int, prompt: str) -> str:
     return f"sample_{index:03d}_{words or 'prompt'}.mp4"
 
 
-def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """(T, H, W, 3) uint8 -> the bytes of an H.264 mp4; the same frames give the same bytes."""
-    buffer = io.BytesIO()
-    # x264's macroblock-tree rate control gave different bytes for the same frames from one
-    # call to the next (seen on noisy frames, in threads); without it the output is stable.
-    options = {"crf": "18", "x264-params": "threads=1:mbtree=0"}
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
-    """Write an mp4 under a temporary name and rename it: no partial file is ever visible."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_mp4(frames, fps))
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------- sampling
 
 
@@ -233,8 +209,6 @@ class Sampler:
     """
 
     def __init__(self, config: InferenceConfig, device: str | torch.device | None = None) -> None:
-        from pipelines.models import load_model, load_text_encoder, load_vae
-
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Half precision only on a GPU; on CPU it is slower and less exact.
@@ -245,7 +219,6 @@ class Sampler:
         latent = self.vae.latent_size(config.num_frames, *config.image_size)
         self.model = load_model(config.model, self.text.output_dim, config.text_encoder.model_max_length, latent)
         self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
-        self.family = MODEL_SIZES[config.model.type].family
 
     @torch.no_grad()
     def generate(
@@ -274,14 +247,11 @@ class Sampler:
         )
         y, y_mask = self.text.encode([item.prompt for item in items])  # (B, L, D), (B, L)
         both = torch.cat([y.to(dtype), self.model.null_caption(batch, y.shape[1]).to(device=device, dtype=dtype)])
-        extra = {}
-        if self.family is Family.STDIT2:
-            full = lambda value: torch.full((2 * batch,), float(value), device=device)  # noqa: E731
-            extra = {"height": full(config.image_size[0]), "width": full(config.image_size[1]),
-                     "num_frames": full(config.num_frames), "fps": full(config.save_fps)}  # fmt: skip
+        sizes = size_inputs(self.config.model.type, 2 * batch, device, *config.image_size, config.num_frames,
+                            config.save_fps)  # fmt: skip
 
         def model_fn(x, t, x_mask):  # the guidance batch: [prompts; null captions]
-            return self.model(x.to(dtype), t, both, y_mask, x_mask, **extra).float()
+            return self.model(x.to(dtype), t, both, y_mask, x_mask, **sizes).float()
 
         conditions = [self._encode_references(item) if item.masks else None for item in items]
         channels = self.vae.out_channels
@@ -311,8 +281,6 @@ class Sampler:
 
 def sample(config: InferenceConfig) -> list[Path]:
     """Generate one video per prompt into `save_dir`; returns their paths."""
-    from pipelines.models import resolve_weights
-
     items = prepare_prompts(config)  # every input checked before a model loads
     if config.model.from_pretrained is None:
         print("note: model.from_pretrained is not set: sampling with untrained weights (pass --ckpt-path)",

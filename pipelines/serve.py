@@ -25,14 +25,13 @@ import base64
 import binascii
 import concurrent.futures
 import dataclasses
-import difflib
 import io
 import json
 import logging
 import math
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,10 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pipelines.config import ConfigError, InferenceConfig, load_config
-from pipelines.models import resolve_weights
-from pipelines.sample import FieldError, check_fixed_size, check_sampling, conditioned_by, encode_mp4, prepare_item
+from pipelines.checkpoint import resolve_weights
+from pipelines.config import ConfigError, InferenceConfig, did_you_mean, load_config
+from pipelines.media import encode_mp4
+from pipelines.sample import FieldError, check_fixed_size, check_sampling, conditioned_by, prepare_item
 
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait
 logger = logging.getLogger("ray.serve")
@@ -92,16 +92,11 @@ class ServeArgs:
             raise ConfigError(f"args: {error}") from None
 
 
-def _closest(key: Any, valid: Sequence[str], listing: str) -> str:
-    """How to end an "unknown key" message: the closest valid key, else them all."""
-    close = difflib.get_close_matches(str(key), valid, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f"; {listing}: {', '.join(valid)}"
-
-
 def _no_unknown(values: Mapping[str, Any], valid: list[str], where: str) -> None:
     for key in values:
         if key not in valid:
-            raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, valid, 'valid')}")
+            hint = did_you_mean(key, valid) or f"; valid: {', '.join(valid)}"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
 class RequestError(Exception):
@@ -161,7 +156,8 @@ def parse_request(payload: Any, base: InferenceConfig, limits: ServeLimits) -> G
         raise RequestError(400, None, f"the body must be a JSON object, got {type(payload).__name__}")
     for key in payload:
         if key not in REQUEST_FIELDS:
-            raise RequestError(400, str(key), f"unknown field '{key}'{_closest(key, REQUEST_FIELDS, 'fields')}")
+            hint = did_you_mean(key, REQUEST_FIELDS) or f"; fields: {', '.join(REQUEST_FIELDS)}"
+            raise RequestError(400, str(key), f"unknown field '{key}'{hint}")
     prompt = payload.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(400, "prompt", "prompt: required, a non-empty string")

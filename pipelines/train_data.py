@@ -21,11 +21,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from bucketing.assign import parse_bucket_name
 from bucketing.config import BucketConfig
-from pipelines import cache as C
+from pipelines.cache import FPS, HEIGHT, WIDTH, Cache, sample_from_row
+from pipelines.config import ConfigError
 
 
-def _seed(*parts: object) -> int:
+def seed_of(*parts: object) -> int:
     """A 63-bit seed from any parts, the same in every process."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -49,14 +51,6 @@ class EpochPlan:
         return len(self.batches[0]) if self.batches else 0
 
 
-def bucket_batch_size(buckets: BucketConfig, bucket: str) -> int | None:
-    """The per-worker batch size of a bucket named `<res>-<T>f-<ar>` (None if the config lacks it)."""
-    resolution, frames, _ = bucket.rsplit("-", 2)
-    entry = next((e for e in buckets.resolutions if e.resolution.name == resolution), None)
-    found = entry.frame_bucket(int(frames.removesuffix("f"))) if entry else None
-    return found.batch_size if found else None
-
-
 def plan_epoch(
     bucket_rows: Mapping[str, int], batch_sizes: Mapping[str, int], seed: int, epoch: int, workers: int
 ) -> EpochPlan:
@@ -65,11 +59,11 @@ def plan_epoch(
     leftover = {}
     for bucket in sorted(bucket_rows):
         size = batch_sizes[bucket]
-        order = np.random.default_rng(_seed(seed, epoch, bucket)).permutation(bucket_rows[bucket])
+        order = np.random.default_rng(seed_of(seed, epoch, bucket)).permutation(bucket_rows[bucket])
         full = len(order) // size
         batches += [BatchRef(bucket, tuple(int(r) for r in order[i * size : (i + 1) * size])) for i in range(full)]
         leftover[bucket] = len(order) - full * size
-    shuffled = [batches[i] for i in np.random.default_rng(_seed(seed, epoch, "order")).permutation(len(batches))]
+    shuffled = [batches[i] for i in np.random.default_rng(seed_of(seed, epoch, "order")).permutation(len(batches))]
     usable = len(shuffled) - len(shuffled) % workers  # every worker takes the same number of steps
     per_worker = tuple(tuple(shuffled[rank:usable:workers]) for rank in range(workers))
     return EpochPlan(per_worker, leftover)
@@ -106,7 +100,7 @@ def frame_mask(frames: int, ratios: Mapping[str, float], generator: torch.Genera
 class CacheBatches:
     """Reads planned batches from a finished cache as tensors ready for the model."""
 
-    def __init__(self, cache: C.Cache, mask_ratios: Mapping[str, float] | None = None) -> None:
+    def __init__(self, cache: Cache, mask_ratios: Mapping[str, float] | None = None) -> None:
         self.cache = cache
         self.mask_ratios = mask_ratios
         self._tables: dict[str, pa.Table] = {}
@@ -119,14 +113,23 @@ class CacheBatches:
     def bucket_rows(self) -> dict[str, int]:
         return {bucket: int(count) for bucket, count in self.cache.manifest["buckets"].items()}
 
+    def batch_sizes(self, buckets: BucketConfig) -> dict[str, int]:
+        """The config's batch size of every bucket in the cache; a bucket it lacks is an error."""
+        sizes = {}
+        for bucket in self.bucket_rows():
+            size = buckets.batch_size(*parse_bucket_name(bucket)[:2])
+            if size is None:
+                raise ConfigError(f"the cache has bucket {bucket} but the config has no batch size for it")
+            sizes[bucket] = size
+        return sizes
+
     def load(self, batch: BatchRef, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One micro-batch: latents (B, C, T, h, w), caption (B, L, D) + mask, conditioning, frame mask."""
         rows = self.table(batch.bucket).take(list(batch.rows)).to_pylist()
-        _, frames_name, _ = batch.bucket.rsplit("-", 2)
-        frames = int(frames_name.removesuffix("f"))
+        frames = parse_bucket_name(batch.bucket)[1]
         latents, captions = [], []
         for row in rows:
-            sample = C.sample_from_row(row, batch.bucket)
+            sample = sample_from_row(row, batch.bucket)
             stored = sample.latent_mean.shape[1]
             start = int(torch.randint(0, stored - frames + 1, (), generator=generator))
             window = slice(start, start + frames)  # Open-Sora's random temporal crop
@@ -142,8 +145,8 @@ class CacheBatches:
             text[index, : caption.shape[0]] = caption
             text_mask[index, : caption.shape[0]] = True
         batch_size = len(rows)
-        height = torch.tensor([float(row[C.HEIGHT]) for row in rows])
-        width = torch.tensor([float(row[C.WIDTH]) for row in rows])
+        height = torch.tensor([float(row[HEIGHT]) for row in rows])
+        width = torch.tensor([float(row[WIDTH]) for row in rows])
         out = {
             "x": torch.stack(latents),  # (B, C, T, h, w)
             "y": text,  # (B, L, D), zero past each caption's real tokens
@@ -151,7 +154,7 @@ class CacheBatches:
             "height": height,
             "width": width,
             "num_frames": torch.full((batch_size,), float(frames)),
-            "fps": torch.tensor([float(row[C.FPS]) for row in rows]),
+            "fps": torch.tensor([float(row[FPS]) for row in rows]),
         }
         if self.mask_ratios:
             out["x_mask"] = torch.stack([frame_mask(frames, self.mask_ratios, generator) for _ in rows])
@@ -162,5 +165,5 @@ class CacheBatches:
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(step, batch) for this worker from `start_step` on; randomness fixed per (seed, epoch, step, rank)."""
         for step in range(start_step, plan.steps):
-            generator = torch.Generator().manual_seed(_seed(seed, epoch, step, rank))
+            generator = torch.Generator().manual_seed(seed_of(seed, epoch, step, rank))
             yield step, self.load(plan.batches[rank][step], generator)

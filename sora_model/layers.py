@@ -1,9 +1,9 @@
-"""Building blocks of the STDiT family (Open-Sora's `layers/blocks.py`), with its parameter names.
+"""Building blocks shared by STDiT, STDiT2 (`stdit.py`) and DiT (`dit.py`): Open-Sora's `layers/blocks.py`.
 
 Names follow the released checkpoints (`x_embedder.proj`, `t_embedder.mlp.0`, `y_embedder.y_proj.fc1`,
-`attn.qkv`, `cross_attn.kv_linear`, `final_layer.scale_shift_table`, ...) so their weights load
-with a plain `load_state_dict`. Attention runs through PyTorch's scaled_dot_product_attention,
-or flash-attn when asked for, installed and on CUDA.
+`attn.qkv`, `cross_attn.kv_linear`, ...) so their weights load with a plain `load_state_dict`.
+Attention runs through PyTorch's scaled_dot_product_attention, or flash-attn when asked for,
+installed and on CUDA. Shapes: B batch, N tokens, D hidden size, H heads, Dh = D / H, L caption tokens.
 """
 
 from __future__ import annotations
@@ -18,21 +18,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+# --------------------------------------------------------------------------- helpers
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation as PixArt-alpha writes it (`t2i_modulate`): x * (1 + scale) + shift."""
     return x * (1 + scale) + shift
-
-
-def frame_modulation(
-    x_mask: torch.Tensor | None, normal: torch.Tensor, zero: torch.Tensor | None, spatial: int
-) -> torch.Tensor:
-    """(B, 1, D) modulation -> per token (B, T*S, D): condition frames (x_mask False) get the
-    timestep-0 modulation `zero`. Without a mask, `normal` broadcasts over all tokens."""
-    if x_mask is None or zero is None:
-        return normal
-    chosen = torch.where(x_mask[:, :, None], normal, zero)  # (B, T, D)
-    return chosen.repeat_interleave(spatial, dim=1)  # (B, T*S, D)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -41,8 +32,57 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
+def warn_once(message: str) -> None:
+    """Warn with `message` the first time only (per process); `warn_once.cache_clear()` re-arms it."""
+    warnings.warn(message, stacklevel=3)  # points at the caller of the function that warns
+
+
+def caption_mask(y_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """(b, L) mask of real caption tokens -> (batch, L) bool. A guidance batch [cond; uncond]
+    passes one mask for both halves (the null caption is as long as the caption): it is repeated."""
+    if y_mask is None:
+        return None
+    if y_mask.shape[0] != batch:
+        y_mask = y_mask.repeat(batch // y_mask.shape[0], 1)
+    return y_mask.bool()
+
+
+def sincos_embedding(
+    dim: int, grid: tuple[int] | tuple[int, int], scale: float = 1.0, base_size: int | None = None
+) -> torch.Tensor:
+    """Fixed sin-cos position table, (prod(grid), dim) float64, for the frames (T,) or one frame's (H, W).
+
+    MAE's get_1d/2d_sincos_pos_embed as Open-Sora uses them: positions 0..n-1 are divided by `scale`
+    (space_scale or time_scale: new size / old size) and, with `base_size`, stretched by base_size / n
+    so that another resolution reuses the trained range (STDiT2). Each axis fills dim / len(grid)
+    channels, sines then cosines; on an (H, W) grid rows are h-major and the first half embeds w.
+    Open-Sora computes 2D positions in float32 and 1D ones in float64; kept, so the tables equal its own.
+    """
+    dtype = np.float64 if len(grid) == 1 else np.float32
+    axes = [np.arange(n, dtype=dtype) / scale for n in grid]
+    if base_size is not None:
+        axes = [axis * (base_size / n) for axis, n in zip(axes, grid, strict=True)]
+    coordinates = np.meshgrid(*axes[::-1])  # [w, h], each (H, W); or [t]
+    channels = dim // len(grid)
+    omega = 1.0 / 10000 ** (np.arange(channels // 2, dtype=np.float64) / (channels / 2.0))
+    angles = [np.outer(coordinate.reshape(-1), omega) for coordinate in coordinates]
+    return torch.from_numpy(np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim), cosines first.
+
+    Not `sincos_embedding`: DiT's (GLIDE's) version runs in float32 torch on the timesteps' device,
+    puts cosines first and writes the frequencies as exp(-log(max_period) i / half); the trained
+    t_embedder expects exactly these values.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# --------------------------------------------------------------------------- attention
 
 
 def _flash_attention():
@@ -54,17 +94,17 @@ def _flash_attention():
 
 
 def attention(q, k, v, use_flash: bool, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, N, D) attention. flash-attn when asked for and possible (fp16/bf16 on CUDA, no mask);
+    """(B, H, N, Dh) attention. flash-attn when asked for and possible (fp16/bf16 on CUDA, no mask);
     otherwise PyTorch SDPA, with one warning the first time flash-attn was asked for in vain."""
     if use_flash:
         flash = _flash_attention()
         usable = flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         if usable and key_padding_mask is None:
-            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, N, H, D)
+            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, N, H, Dh)
             return out.transpose(1, 2)
         if not usable:
-            _warn_once("enable_flashattn: flash-attn is not installed or the tensors are not fp16/bf16 on CUDA; "
-                       "using PyTorch scaled_dot_product_attention")  # fmt: skip
+            warn_once("enable_flashattn: flash-attn is not installed or the tensors are not fp16/bf16 on CUDA; "
+                      "using PyTorch scaled_dot_product_attention")  # fmt: skip
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, L)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -78,8 +118,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # (..., Dh) fp32
+        return self.weight * normed.to(x.dtype)  # (..., Dh)
 
 
 class Attention(nn.Module):
@@ -96,13 +136,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None = None) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        if rope is not None:
-            # Open-Sora 1.1 was trained with the rotation before the QK-norm; keep that order.
-            q, k = rope(q), rope(k)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = attention(q, k, v, self.use_flash)  # (B, H, N, D)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        qkv = self.qkv(x)  # (B, N, 3D)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # (B, H, N, Dh) each
+        if rope is not None:  # Open-Sora 1.1 was trained with the rotation before the QK-norm; keep that order
+            q, k = rope(q), rope(k)  # (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, Dh)
+        out = attention(q, k, v, self.use_flash)  # (B, H, N, Dh)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
@@ -117,10 +157,11 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q = rearrange(self.q_linear(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, H, N, D)
-        k, v = rearrange(self.kv_linear(y), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
-        out = attention(q, k, v, self.use_flash, key_padding_mask=mask)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        q = rearrange(self.q_linear(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, H, N, Dh)
+        kv = self.kv_linear(y)  # (B, L, 2D)
+        k, v = rearrange(kv, "b l (two h d) -> two b h l d", two=2, h=self.num_heads)  # (B, H, L, Dh) each
+        out = attention(q, k, v, self.use_flash, key_padding_mask=mask)  # (B, H, N, Dh)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -133,7 +174,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))  # (..., dim) -> (..., hidden) -> (..., out)
+
+
+# --------------------------------------------------------------------------- embedders
 
 
 class PatchEmbed3D(nn.Module):
@@ -145,18 +189,10 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pt, ph, pw = self.patch_size
-        _, _, t, h, w = x.shape
-        x = F.pad(x, (0, (-w) % pw, 0, (-h) % ph, 0, (-t) % pt))
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), t-major, then h, then w
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim), cosines first."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        pt, ph, pw = self.patch_size  # (1, 2, 2) for every released model
+        _, _, frames, height, width = x.shape  # (B, C, T, H, W)
+        x = F.pad(x, (0, (-width) % pw, 0, (-height) % ph, 0, (-frames) % pt))  # (B, C, T'*pt, H'*ph, W'*pw)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, T', H', W') -> (B, N, D), t-major, then h, then w
 
 
 class TimestepEmbedder(nn.Module):
@@ -168,16 +204,17 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+        frequencies = timestep_embedding(t, self.frequency_size)  # (B, 256) fp32
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class SizeEmbedder(TimestepEmbedder):
-    """Each of d scalars (height, width, aspect ratio, frames, fps) -> sinusoid -> MLP; concatenated."""
+    """Each of k scalars (height, width, aspect ratio, frames, fps) -> sinusoid -> MLP; concatenated."""
 
-    def forward(self, s: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d * D)
-        batch, count = s.shape
-        embedded = super().forward(s.reshape(-1))  # (B*d, D)
-        return embedded.reshape(batch, count * embedded.shape[-1])
+    def forward(self, sizes: torch.Tensor) -> torch.Tensor:
+        batch, count = sizes.shape  # (B, k)
+        embedded = super().forward(sizes.reshape(-1))  # (B*k, D)
+        return embedded.reshape(batch, count * embedded.shape[-1])  # (B, k*D)
 
 
 class CaptionEmbedder(nn.Module):
@@ -199,37 +236,11 @@ class CaptionEmbedder(nn.Module):
         length = length or self.y_embedding.shape[0]
         return self.y_embedding[:length][None].expand(batch, -1, -1)
 
-    def forward(self, y: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.training and self.dropout_prob > 0) or force_drop is not None:
-            drop = force_drop if force_drop is not None else torch.rand(y.shape[0], device=y.device) < self.dropout_prob
-            y = torch.where(drop[:, None, None], self.null(y.shape[0], y.shape[1]).to(y.dtype), y)
-        return self.y_proj(y)
-
-
-class T2IFinalLayer(nn.Module):
-    """adaLN-single final layer: norm, shift/scale from the raw timestep embedding, linear."""
-
-    def __init__(self, dim: int, num_patch: int, out_channels: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, num_patch * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-
-    def forward(self, x, t, x_mask=None, t0=None, frames: int = 1) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        out = modulate(layer_norm(x), shift, scale)
-        if x_mask is not None and t0 is not None:
-            shift0, scale0 = (self.scale_shift_table[None] + t0[:, None]).chunk(2, dim=1)
-            # Open-Sora normalises the already-modulated tokens here; kept for its checkpoints.
-            zero = modulate(layer_norm(out), shift0, scale0)
-            out = per_frame(x_mask, out, zero, frames)
-        return self.linear(out)
-
-
-def per_frame(x_mask: torch.Tensor, normal: torch.Tensor, zero: torch.Tensor, frames: int) -> torch.Tensor:
-    """Token-wise choice between two (B, T*S, D) tensors by frame: x_mask (B, T), True = normal."""
-    normal = rearrange(normal, "b (t s) d -> b t s d", t=frames)
-    zero = rearrange(zero, "b (t s) d -> b t s d", t=frames)
-    return rearrange(torch.where(x_mask[:, :, None, None], normal, zero), "b t s d -> b (t s) d")
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:  # y (B, L, C)
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob  # (B,)
+            y = torch.where(drop[:, None, None], self.null(y.shape[0], y.shape[1]).to(y.dtype), y)  # (B, L, C)
+        return self.y_proj(y)  # (B, L, D)
 
 
 class RotaryEmbedding(nn.Module):
@@ -241,31 +252,36 @@ class RotaryEmbedding(nn.Module):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
         self.freqs = nn.Parameter(freqs, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, D)
-        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
-        angles = torch.repeat_interleave(positions[:, None] * self.freqs.float()[None], 2, dim=-1)  # (N, D)
-        pairs = x.float().unflatten(-1, (-1, 2))
-        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
-        return (x.float() * angles.cos() + rotated * angles.sin()).to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)  # (N,) of x (..., N, Dh)
+        angles = torch.repeat_interleave(positions[:, None] * self.freqs.float()[None], 2, dim=-1)  # (N, Dh)
+        pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, Dh/2, 2)
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (..., N, Dh): (-x1, x0) pairs
+        return (x.float() * angles.cos() + rotated * angles.sin()).to(x.dtype)  # (..., N, Dh)
 
 
-def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """(N,) positions -> (N, dim): sines then cosines (MAE's get_1d_sincos_pos_embed)."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    angles = np.outer(positions.reshape(-1), omega)
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+# --------------------------------------------------------------------------- what the models share
 
 
-def sincos_2d(dim: int, height: int, width: int, scale: float = 1.0, base_size: int | None = None) -> np.ndarray:
-    """(H*W, dim) row-major: the first half embeds the w coordinate, the second the h coordinate.
+class VideoDiTMixin:
+    """The methods STDiT, STDiT2 and DiT have alike, read off their `patch_size` and `y_embedder`:
+    the patch grid of a latent, `unpatchify` (tokens back to a latent) and the null caption.
+    It holds no parameters and has no __init__: each model builds its own modules."""
 
-    Coordinates are divided by `scale` (space_scale: new height / old height) and, with a
-    base_size, stretched to base_size so another resolution reuses the trained range.
-    """
-    grid_h = np.arange(height, dtype=np.float32) / scale
-    grid_w = np.arange(width, dtype=np.float32) / scale
-    if base_size is not None:
-        grid_h *= base_size / height
-        grid_w *= base_size / width
-    w, h = np.meshgrid(grid_w, grid_h)  # (H, W) each
-    return np.concatenate([sincos_1d(dim // 2, w), sincos_1d(dim // 2, h)], axis=1)
+    patch_size: tuple[int, int, int]
+    y_embedder: CaptionEmbedder
+
+    def patch_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """(B, C, T, H, W) latents -> (t, h, w) patches, counting the padded partial ones."""
+        pt, ph, pw = self.patch_size
+        _, _, frames, height, width = x.shape
+        return math.ceil(frames / pt), math.ceil(height / ph), math.ceil(width / pw)
+
+    def unpatchify(self, x: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
+        """(B, t*h*w, pt*ph*pw*C) tokens -> (B, C, t*pt, h*ph, w*pw)."""
+        pt, ph, pw = self.patch_size
+        return rearrange(x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+    def null_caption(self, batch: int, length: int | None = None) -> torch.Tensor:
+        """The unconditional caption for classifier-free guidance: (batch, length, caption_channels)."""
+        return self.y_embedder.null(batch, length)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
 
+from bucketing.config import fixed_bucket_config, parse_bucket_config
 from pipelines.config import (
     ConfigError,
     InferenceConfig,
@@ -99,9 +101,10 @@ def test_opensora_1_1_dataset_section_maps_to_fields():
     assert config.vae.local_files_only and config.text_encoder.local_files_only
     assert config.mask_ratios["mask_no"] == 0.75
     # Exactly one notice per ignored key, naming it, plus the dataset-section notice.
-    assert any("num_bucket_build_workers" in notice and "ignoring" in notice for notice in notices)
+    for key in ("num_bucket_build_workers", "num_workers"):
+        assert any(f"'{key}'" in notice and "ignoring" in notice for notice in notices)
     assert any("dataset" in notice for notice in notices)
-    assert len(notices) == 2
+    assert len(notices) == 3
 
 
 def test_opensora_1_1_inference_keys():
@@ -129,6 +132,13 @@ def test_opensora_1_1_mask_strategy_order_is_refused_with_the_seed_spelling(tmp_
     long = load_config(write(tmp_path, fixed, "sample_ref.py"), "inference", notice=lambda m: None)
     assert long.loop == 2 and long.long_video.total_frames == 2 * (16 - 4) + 4
     assert long.reference_path[1] is None and long.mask_strategy == ("0,0,0,8,0,0.3", None, "0,0,0,1,0")
+
+
+def test_v1_0_dataloader_keys_are_ignored_with_a_reason():
+    notices: list[str] = []
+    load_config(OPENSORA_FILES[0].parent / "v1_0_train_16x256x256.py", notice=notices.append)
+    assert [notice.split("'")[1] for notice in notices] == ["use_image_transform", "num_workers"]
+    assert "pre-encoded cache" in notices[1]
 
 
 def test_v1_0_inference_fps_is_the_saved_rate():
@@ -291,6 +301,26 @@ def test_bad_override_value_blames_the_command_line():
 def test_unknown_override_path_is_an_error():
     with pytest.raises(ConfigError, match=r"unknown key 'model.from_pretraind'"):
         load_config(ROOT / "configs/debug/inference.py", overrides={"model.from_pretraind": "x"})
+
+
+def test_buckets_are_parsed_once_into_the_config(tmp_path: Path):
+    mixed = load_config(ROOT / "configs/opensora-v1-1/train/mixed.py")
+    assert mixed.buckets == parse_bucket_config(mixed.bucket_config, mixed.frame_interval)
+    fixed = load_config(ROOT / "configs/opensora/train/16x256x256.py")
+    assert fixed.buckets == fixed_bucket_config((256, 256), 16, 8, 3)  # image_size, num_frames, batch_size, interval
+    # Configs are shipped to Ray workers: the parsed buckets travel with them.
+    for config in (mixed, fixed):
+        shipped = pickle.loads(pickle.dumps(config))
+        assert shipped == config and shipped.buckets == config.buckets
+
+
+def test_buckets_are_derived_not_a_setting(tmp_path: Path):
+    config = load_config(write(tmp_path, TRAIN_MINIMAL))
+    assert "buckets" not in format_config(config) and "buckets" not in repr(config)
+    with pytest.raises(ConfigError, match=r"unknown key 'buckets' \(did you mean 'bucket_config'\?\)"):
+        load_config(write(tmp_path, TRAIN_MINIMAL + "buckets = None\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'buckets'"):
+        load_config(write(tmp_path, TRAIN_MINIMAL), overrides={"buckets": "x"})
 
 
 def test_configs_are_frozen():

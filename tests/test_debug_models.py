@@ -28,6 +28,13 @@ def test_vae_has_the_sd_latent_geometry(debug_models):
     assert vae.latent_size(5, 64, 96) == (5, 8, 12)
     decoded = vae.decode(latents)
     assert decoded.shape == video.shape
+    # Latent frame t of sample b is the SD VAE's own, of that frame alone (scaled): no mix-up of B and T.
+    s = vae.scaling_factor
+    mean, _ = vae.encode_moments(video)
+    frame = vae.module.encode(video[1, :, 3][None]).latent_dist.mean[0] * s
+    torch.testing.assert_close(mean[1, :, 3], frame, rtol=1e-5, atol=1e-6)
+    expected = vae.module.decode(latents[1, :, 3][None] / s).sample[0]
+    torch.testing.assert_close(decoded[1, :, 3], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_vae_frames_are_independent_of_the_micro_batch(debug_models):

@@ -65,6 +65,23 @@ def test_oracle_model_has_zero_loss():
     assert terms["mse"].max() < 1e-6
     assert terms["vb"].abs().max() < 1e-3  # predicted posterior equals the true one
     assert terms["loss"].shape == (2,)
+    assert terms["loss"].abs().max() < 1e-3
+
+
+def test_loss_is_the_epsilon_mse_plus_the_variational_bound():
+    diffusion = GaussianDiffusion.spaced("", 1000)
+    x0 = torch.rand(SHAPE) * 2 - 1
+    exact = oracle(diffusion, x0)
+
+    def off_by_a_tenth(xt, timesteps, x_mask):  # epsilon 0.1 too high; the variance still right
+        out = exact(xt, timesteps, x_mask)
+        out[:, :4] += 0.1
+        return out
+
+    terms = diffusion.training_losses(off_by_a_tenth, x0, torch.tensor([10, 700]))
+    torch.testing.assert_close(terms["mse"], torch.full((2,), 0.01))
+    assert (terms["vb"] > 1e-5).all()  # the mean is off too, so the bound is not zero
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
 
 
 def test_masked_training_counts_generated_frames_only():
@@ -175,12 +192,17 @@ def test_iddpm_respaces_sampling_not_training():
     assert scheduler.num_timesteps == 1000 and scheduler.sample_diffusion.num_timesteps == 20
 
 
-def test_fixed_variance_sampling_runs():
-    diffusion = GaussianDiffusion.spaced("5", 1000, variance=VarianceType.FIXED_SMALL)
-    target = torch.zeros(SHAPE)
-    model = oracle(diffusion, target)
-    out = diffusion.sample(lambda x, t, m: model(x, t, m)[:, :4], torch.randn(SHAPE), generator=torch.Generator())
+def test_fixed_variance_sampling_is_learned_range_at_its_minimum():
+    """FIXED_SMALL is the posterior variance: what LEARNED_RANGE gives for v = -1 (the oracle's)."""
+    fixed = GaussianDiffusion.spaced("5", 1000, variance=VarianceType.FIXED_SMALL)
+    learned = GaussianDiffusion.spaced("5", 1000)
+    target = torch.rand(SHAPE) * 2 - 1
+    model = oracle(fixed, target)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    out = fixed.sample(lambda x, t, m: model(x, t, m)[:, :4], noise, generator=torch.Generator().manual_seed(1))
     assert out.shape == SHAPE
+    torch.testing.assert_close(out, learned.sample(model, noise, generator=torch.Generator().manual_seed(1)))
+    assert (out - target).abs().max() < 0.05
 
 
 def dpm_oracle(solver, x0):

@@ -95,3 +95,76 @@ def test_top_level_layout():
         assert (ROOT / name).is_dir(), name
     for name in ("cli.py", "pyproject.toml", "README.md", "Makefile", ".ci/run"):
         assert (ROOT / name).is_file(), name
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(path): path for layer in PROJECT for path in files_of(layer)}
+
+
+def project_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules a file imports anywhere in it, function bodies included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from pipelines import cache` imports the module pipelines.cache
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in modules else node.module)
+    return found & set(modules)
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path [a, b, ..., a], or None."""
+    state: dict[str, str] = {}  # "open" while on the path, "done" after
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for following in sorted(graph[node]):
+            if state.get(following) == "open":
+                return [*path[path.index(following) :], following]
+            if following not in state and (found := visit(following, [*path, following])):
+                return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_no_import_cycle_among_project_modules():
+    modules = project_modules()
+    graph = {name: project_imports(path, modules) - {name} for name, path in modules.items()}
+    assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+LONG_FUNCTION = 80  # lines; a longer function in pipelines/ says why in a comment on its first line
+
+
+def test_pipeline_functions_are_short_or_say_why():
+    for path in files_of("pipelines") + files_of("cli"):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                header = lines[node.lineno - 1]
+                assert length <= LONG_FUNCTION or "# long:" in header, (
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name} has {length} lines: split it, "
+                    "or say why it is long in a '# long: ...' comment on its def line"
+                )
+
+
+def test_the_training_step_needs_no_ray():
+    assert "ray" not in {name.split(".")[0] for name in imports_of(ROOT / "pipelines" / "trainer.py")}

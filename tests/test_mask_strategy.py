@@ -121,8 +121,8 @@ def test_long_video_carries_frames_and_joins_clips():
         assert edit[:, :2].eq(0).all() and edit[:, 2:].eq(1).all()
     # The carried frames are the last two of the clip before; each clip's new frames follow.
     assert sampler.calls[1][0][:, :, :2].eq(1).all() and sampler.calls[2][0][:, :, :2].eq(2).all()
-    per_frame = joined[0, 0, :, 0, 0].tolist()
-    assert per_frame == [1.0] * 6 + [2.0] * 4 + [3.0] * 4
+    per_frame = torch.tensor([1.0] * 6 + [2.0] * 4 + [3.0] * 4)  # clip 1, then the new frames of clips 2 and 3
+    assert torch.equal(joined, per_frame[None, None, :, None, None].expand_as(joined))
 
 
 def test_references_go_where_the_tuples_say():

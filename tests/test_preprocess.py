@@ -286,3 +286,31 @@ def test_reject_columns_of_mixed_types_become_one_kind():
     assert [rejects.failed(i) for i in range(3)] == [True, False, False]
     out = rejects.into(batch)
     assert out["reject_stage"].tolist() == ["decode", None, None] and out["reject_stage"].dtype == object
+
+
+def test_bucket_report_and_preprocess_read_metadata_alike(tmp_path, debug_models):
+    """Both read the table's metadata through one reader: float values round, so a sample
+    gets the same bucket in the report as in the cache."""
+    from pipelines.bucket_report import report_from_table
+    from pipelines.config import load_config
+    from pipelines.dataset import read_table
+    from pipelines.preprocess import _load_or_probe
+
+    table_path = tmp_path / "data.csv"
+    # 16.6 frames round to 17 (> T=16 x frame_interval 1: bucket T=16); truncated, 16 would go to T=8;
+    # 8.6 rounds to 9 (T=8), truncated 8 would not reach T=8.
+    table_path.write_text(
+        "path,text,num_frames,height,width,fps\n"
+        "a.mp4,a red circle,16.6,143.6,256.4,24\n"
+        "b.mp4,a blue square,8.6,144,256,24\n"
+        "c.mp4,a green star,9,143.5,255.5,24\n"
+    )
+    config = load_config(write_config(tmp_path, debug_models), "train", {"data_path": str(table_path)})
+    report = report_from_table(table_path, config, progress=False)
+    from_report = {row.bucket.name: row.samples for row in report.buckets}
+    probed = _load_or_probe(C.Store(tmp_path / "cache"), read_table(table_path), table_path, config, None)
+    assert probed[C.SRC_NUM_FRAMES].tolist() == [17, 9, 9]
+    assert probed[[C.SRC_HEIGHT, C.SRC_WIDTH]].to_numpy().tolist() == [[144, 256]] * 3
+    assert probed["bucket"].value_counts().to_dict() == from_report
+    assert sorted(from_report) == ["144p-16f-0.56", "144p-8f-0.56"]
+    assert from_report["144p-8f-0.56"] == 2

@@ -66,7 +66,7 @@ def reference_media(folder: Path) -> tuple[Path, Path]:
     """A 200x300 PNG (a yellow disc on blue) and a 12-frame mp4 of a moving bar."""
     from PIL import Image, ImageDraw
 
-    from pipelines.sample import write_mp4
+    from pipelines.media import write_mp4
 
     image_path = folder / "still.png"
     image = Image.new("RGB", (300, 200), (20, 40, 200))
@@ -98,20 +98,38 @@ def test_long_video_frame_count_follows_the_formula(debug_models, tmp_path):
         "--save-dir", str(tmp_path / "long"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in result.stdout.split():
-        assert frames_of(Path(path)).shape == (3 * (5 - 2) + 2, 64, 64, 3)
+    disc, bar = (frames_of(Path(path)).astype(float) for path in result.stdout.split())
+    assert disc.shape == bar.shape == (3 * (5 - 2) + 2, 64, 64, 3)
+    # The frames the tuples hold are their references after the VAE round trip (and H.264): the first
+    # video opens with the image (about 14 levels from it; other frames about 34), the second with the
+    # bar's frames 4, 5 and 6 (each nearest its own frame of the bar, about 14; the others 25 or more).
+    from sora_model.vae import VideoAutoencoderKL
+
+    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]))
+    expected = round_trip(vae, image, 64, 64)
+    distances = [np.abs(frame - expected).mean() for frame in disc]
+    assert distances[0] < 0.6 * min(distances[1:]), distances
+    bar_frames = round_trips(vae, video, range(12), 64, 64)
+    for index in range(3):
+        distances = [np.abs(bar[index] - frame).mean() for frame in bar_frames]
+        assert np.argmin(distances) == 4 + index and min(distances) < 0.7 * sorted(distances)[1], distances
 
 
-def round_trip(vae, image: Path, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) in 0..255: the image fitted to the size, VAE-encoded (posterior mean) and decoded."""
+def round_trips(vae, media: Path, indices, height: int, width: int) -> np.ndarray:
+    """(F, H, W, 3) in 0..255: frames of an image or video fitted to the size, VAE-encoded (posterior mean), decoded."""
     import torch
 
     from pipelines.media import read_frames, resize_crop
 
-    pixels = resize_crop(read_frames(image, np.array([0])), height, width)[None]  # (1, 3, 1, H, W)
+    pixels = resize_crop(read_frames(media, np.array(indices)), height, width)[None]  # (1, 3, F, H, W)
     with torch.no_grad():
         decoded = vae.decode(vae.encode_moments(pixels)[0])
-    return ((decoded.clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0).numpy()
+    return ((decoded.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 3, 0).numpy()
+
+
+def round_trip(vae, image: Path, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) in 0..255: the image fitted to the size, VAE-encoded (posterior mean) and decoded."""
+    return round_trips(vae, image, [0], height, width)[0]
 
 
 def test_image_to_video_starts_from_the_reference(debug_models, tmp_path):
@@ -199,6 +217,13 @@ def test_only_the_frames_the_tuples_take_are_decoded(debug_models, tmp_path):
                  "reference_path": [str(video)], "mask_strategy": ["0,0,0,1,0;0,1,11,1,-1"]}  # fmt: skip
     (item,) = prepare_prompts(load_inference(tmp_path, debug_models, overrides))
     assert item.frames == ((0, 11),) and item.references[0].shape == (3, 2, 64, 64)
+    # They are frames 0 and 11 of the clip (the bar at the left, then at the right), fitted to 64x64.
+    import torch
+
+    from pipelines.media import resize_crop
+
+    expected = resize_crop(frames_of(video)[[0, 11]], 64, 64)
+    torch.testing.assert_close(item.references[0], expected, rtol=0, atol=1e-6)
 
 
 def black_png(path: Path, width: int, height: int, pixels: bool = True) -> Path:
@@ -260,32 +285,11 @@ def test_conditioning_needs_the_iddpm_scheduler(debug_models, tmp_path):
         prepare_prompts(load_inference(tmp_path, debug_models, overrides))
 
 
-def test_ckpt_path_takes_an_outputs_or_experiment_folder(tmp_path):
-    from pipelines.models import resolve_weights
-
-    def checkpoint(experiment: str, step: int, complete: bool = True) -> Path:
-        folder = tmp_path / "outputs" / experiment / "checkpoints" / f"step-{step:07d}"
-        folder.mkdir(parents=True)
-        (folder / "state.json").write_text("{}")
-        if complete:
-            (folder / "COMPLETE").write_text("")
-        return folder
-
-    checkpoint("000-debug", 8)
-    newest = checkpoint("001-debug", 4)
-    checkpoint("001-debug", 6, complete=False)  # still being written: skipped
-    checkpoint("002-debug", 2, complete=False)  # an experiment with no complete checkpoint yet
-    assert resolve_weights(str(tmp_path / "outputs")) == str(newest)
-    assert resolve_weights(str(tmp_path / "outputs" / "000-debug")).endswith("000-debug/checkpoints/step-0000008")
-    assert resolve_weights(str(newest)) == str(newest)
-    assert resolve_weights("model.pth") == "model.pth"
-
-
 def test_mp4_bytes_are_the_same_for_the_same_frames():
     """Encoding in fresh threads (as the Serve ingress does) gives identical files."""
     import threading
 
-    from pipelines.sample import encode_mp4
+    from pipelines.media import encode_mp4
 
     frames = np.random.default_rng(0).integers(0, 255, (5, 64, 96, 3), dtype=np.uint8)  # noise: the hard case
     results: list[bytes] = []
@@ -293,4 +297,14 @@ def test_mp4_bytes_are_the_same_for_the_same_frames():
         thread = threading.Thread(target=lambda: results.append(encode_mp4(frames, 8)))
         thread.start()
         thread.join()
-    assert len(set(results)) == 1
+    assert len(results) == 12 and len(set(results)) == 1
+    # And the bytes are a video of those frames: H.264 keeps noise's brightness pattern (chroma barely).
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(results[0])) as container:
+        decoded = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    assert decoded.shape == frames.shape
+    for got, sent in zip(decoded.mean(axis=-1), frames.mean(axis=-1), strict=True):
+        assert np.corrcoef(got.ravel(), sent.ravel())[0, 1] > 0.7  # about 0.89; another frame's: about 0

@@ -26,7 +26,7 @@ import yaml
 from pipelines.config import ConfigError, load_config
 from pipelines.serve import RequestError, ServeArgs, ServeLimits, parse_request
 from tests.conftest import ROOT
-from tests.test_sample import inference_config, reference_media
+from tests.test_sample import inference_config, reference_media, round_trip, round_trips
 
 SERVE_YAML = ROOT / "configs" / "serve.yaml"
 TINY = {"prompt": "still there", "num_frames": 2, "image_size": [32, 32], "num_sampling_steps": 1}  # a fast request
@@ -178,6 +178,18 @@ def mp4_frames(data: bytes, folder: Path) -> np.ndarray:
     return reader.get_batch(list(range(len(reader)))).asnumpy()
 
 
+def sampled_here(config_path: Path, request: dict, folder: Path) -> np.ndarray:
+    """The video a server of this config owes `request`: sampled in this process, through an mp4 (decoded)."""
+    from pipelines.media import encode_mp4
+    from pipelines.sample import Sampler, prepare_item
+
+    base = load_config(config_path, "inference")
+    job = parse_request(request, base, ServeLimits())
+    item = prepare_item(job.prompt, [], job.mask_strategy, job.config, [])
+    frames = Sampler(base).generate([item], job.config, job.config.seed)[0]
+    return mp4_frames(encode_mp4(frames, job.config.save_fps), folder)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, debug_models):
     """`serve run` on a test copy of configs/serve.yaml, as the README runs it."""
@@ -229,7 +241,7 @@ def test_generate_returns_a_decodable_mp4_reproducible_by_seed(server):
     assert np.abs(mp4_frames(other, folder).astype(int) - video).mean() > 5
 
 
-def test_long_video_with_an_uploaded_reference(server):
+def test_long_video_with_an_uploaded_reference(server, debug_models):
     url, folder = server
     image, clip = reference_media(folder)
     from PIL import Image
@@ -243,7 +255,20 @@ def test_long_video_with_an_uploaded_reference(server):
                              base64.b64encode(clip.read_bytes()).decode()]}  # fmt: skip
     status, _, body = post(url, request)
     assert status == 200, body[:500]
-    assert mp4_frames(body, folder).shape == (3 * (5 - 2) + 2, 64, 64, 3)
+    video = mp4_frames(body, folder).astype(float)
+    assert video.shape == (3 * (5 - 2) + 2, 64, 64, 3)
+    # The held frames are the uploads after the VAE round trip (and H.264): the video opens with the
+    # image and ends with the clip's frames 3 and 4 (each nearest its own frame of the clip).
+    from sora_model.vae import VideoAutoencoderKL
+
+    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]))
+    expected = round_trip(vae, image, 64, 64)
+    distances = [np.abs(frame - expected).mean() for frame in video]
+    assert distances[0] < 0.6 * min(distances[1:]), distances
+    clip_frames = round_trips(vae, clip, range(12), 64, 64)
+    for index, frame in zip((3, 4), video[-2:], strict=True):
+        distances = [np.abs(frame - other).mean() for other in clip_frames]
+        assert np.argmin(distances) == index and min(distances) < 0.7 * sorted(distances)[1], distances
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,7 @@
-"""STDiT and STDiT2: checkpoint names and shapes, forward shapes, masks, kernels, a tiny training run."""
+"""STDiT, STDiT2 and DiT: checkpoint names and shapes, forward values, masks, kernels, a tiny training run."""
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from pathlib import Path
@@ -15,8 +14,10 @@ from safetensors.torch import save_file
 
 from sora_model.checkpoint import load_weights, read_state_dict
 from sora_model.diffusion import IDDPM
+from sora_model.dit import DiT
 from sora_model.errors import ModelLoadError
-from sora_model.layers import RotaryEmbedding
+from sora_model.layers import RotaryEmbedding, sincos_embedding, timestep_embedding, warn_once
+from sora_model.sizes import Family, ModelSize
 from sora_model.stdit import STDiT, STDiT2, build_model
 
 C = 1152
@@ -119,6 +120,15 @@ def debug_stdit2(**options) -> STDiT2:
     return build_model("debug", DEBUG_TEXT, 16, qk_norm=True, input_sq_size=64, **options)
 
 
+def visible(model: torch.nn.Module, *modules: torch.nn.Module) -> torch.nn.Module:
+    """Random values for the zero-initialised final layer (and all of `modules`), so outputs show something."""
+    generator = torch.Generator().manual_seed(1)
+    for module in (model.final_layer, *modules):
+        for parameter in module.parameters():
+            torch.nn.init.normal_(parameter, std=0.1, generator=generator)
+    return model
+
+
 def conditioning(batch: int, height=136, width=240, frames=5, fps=8.0) -> dict[str, torch.Tensor]:
     full = lambda value: torch.full((batch,), float(value))  # noqa: E731
     return {"height": full(height), "width": full(width), "num_frames": full(frames), "fps": full(fps)}
@@ -132,17 +142,22 @@ def caption(batch: int, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_stdit2_any_size_in_and_out():
-    model = debug_stdit2().eval()
+    model = visible(debug_stdit2().eval())
     x = torch.randn(2, 4, 5, 17, 30)  # odd latent height: padded to the patch, cropped back
     y, mask = caption(2)
-    out = model(x, torch.tensor([10, 500]), y, mask, **conditioning(2))
+    t = torch.tensor([10, 500])
+    out = model(x, t, y, mask, **conditioning(2))
     assert out.shape == (2, 8, 5, 17, 30) and out.dtype == torch.float32
+    # The padding is zeros: padding by hand and cropping the output gives the same values.
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 1))  # latent height 17 -> 18
+    torch.testing.assert_close(out, model(padded, t, y, mask, **conditioning(2))[:, :, :, :17])
+    # Each sample is its own: the second alone gives the same output.
+    torch.testing.assert_close(out[1:], model(x[1:], t[1:], y[1:], mask[1:], **conditioning(1)))
 
 
 def test_condition_frames_get_the_timestep_zero_modulation():
     model = debug_stdit2().eval()
-    for parameter in model.final_layer.parameters():  # zero-initialised: give it something to show
-        torch.nn.init.normal_(parameter, std=0.1)
+    visible(model, model.blocks[0])
     x = torch.randn(1, 4, 4, 8, 8)
     y, mask = caption(1)
     t = torch.tensor([600])
@@ -151,10 +166,24 @@ def test_condition_frames_get_the_timestep_zero_modulation():
     torch.testing.assert_close(plain, all_true)  # nothing conditioned: the same as no mask
     first_frozen = torch.tensor([[False, True, True, True]])
     masked = model(x, t, y, mask, first_frozen, **conditioning(1, 64, 64, 4))
-    assert not torch.allclose(masked, plain)
-    at_zero = model(x, torch.tensor([0]), y, mask, **conditioning(1, 64, 64, 4))
     assert not torch.allclose(masked[:, :, 0], plain[:, :, 0])
-    assert at_zero.shape == masked.shape
+    # In a block, a condition frame is modulated as at timestep 0: with every frame a condition
+    # frame, a block given the modulations of t and of t0 computes what it computes given t0's alone.
+    block, dim = model.blocks[0], model.size.hidden_size
+    tokens, caption_states = torch.randn(1, 4 * 16, dim), model.y_embedder(y)  # 4 frames of 4 x 4 patches
+    t_modulation, t_temporal, t0_modulation, t0_temporal = (torch.randn(1, k * dim) for k in (6, 3, 6, 3))
+    all_frozen = torch.zeros(1, 4, dtype=torch.bool)
+    frozen = block(tokens, caption_states, mask, t_modulation, t_temporal, 4, model.rope, all_frozen,
+                   t0_modulation, t0_temporal)  # fmt: skip
+    at_zero = block(tokens, caption_states, mask, t0_modulation, t0_temporal, 4, model.rope)
+    torch.testing.assert_close(frozen, at_zero)
+    assert not torch.allclose(frozen, block(tokens, caption_states, mask, t_modulation, t_temporal, 4, model.rope))
+    # The final layer leaves the generated frames as they are and modulates the condition frame again.
+    t_emb, t0_emb = torch.randn(1, dim), torch.randn(1, dim)
+    final_plain = model.final_layer(tokens, t_emb)
+    final_masked = model.final_layer(tokens, t_emb, first_frozen, t0_emb, 4)
+    torch.testing.assert_close(final_masked[:, 16:], final_plain[:, 16:])
+    assert not torch.allclose(final_masked[:, :16], final_plain[:, :16])
 
 
 def test_padding_tokens_of_a_caption_do_not_matter():
@@ -182,17 +211,18 @@ def test_caption_dropout_and_null_caption_belong_to_the_model():
 
 
 def test_flash_attention_request_falls_back_with_one_warning():
-    model = debug_stdit2(enable_flashattn=True).eval()
-    reference = debug_stdit2().eval()
+    model = visible(debug_stdit2(enable_flashattn=True).eval())
+    reference = visible(debug_stdit2().eval())
     x = torch.randn(1, 4, 2, 8, 8)
     y, mask = caption(1)
+    warn_once.cache_clear()  # an earlier test may have given the warning already
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a = model(x, torch.tensor([5]), y, mask, **conditioning(1, 64, 64, 2))
         model(x, torch.tensor([5]), y, mask, **conditioning(1, 64, 64, 2))
     b = reference(x, torch.tensor([5]), y, mask, **conditioning(1, 64, 64, 2))
     torch.testing.assert_close(a, b)
-    assert len([w for w in caught if "flash-attn" in str(w.message)]) <= 1
+    assert len([w for w in caught if "flash-attn" in str(w.message)]) == 1  # once, not on every call
 
 
 def test_rope_depends_on_relative_position_only():
@@ -205,15 +235,27 @@ def test_rope_depends_on_relative_position_only():
 
 
 def test_stdit_v1_scales_act_on_the_position_embeddings():
-    size = build_model("STDiT-XL/2", 8, 4, input_size=(4, 8, 8)).size
-    base = STDiT(size.__class__(size.family, 1, 24, 2), input_size=(4, 8, 8), caption_channels=8, model_max_length=4)
-    half = STDiT(size.__class__(size.family, 1, 24, 2), input_size=(4, 8, 8), caption_channels=8, model_max_length=4,
-                 space_scale=0.5, time_scale=2 / 3)  # fmt: skip
-    assert not torch.allclose(base.pos_embed, half.pos_embed)
-    assert not torch.allclose(base.pos_embed_temporal, half.pos_embed_temporal)
-    x = torch.randn(1, 4, 4, 8, 8)
-    y = torch.randn(1, 3, 8)
-    assert base(x, torch.tensor([3]), y).shape == (1, 8, 4, 8, 8)
+    size = ModelSize(Family.STDIT, depth=1, hidden_size=24, num_heads=2)
+    options = {"input_size": (4, 8, 8), "caption_channels": 8, "model_max_length": 4}
+    base = STDiT(size, **options)
+    # Positions are divided by the scales: patch (h=0, w=1) sits at w = 2, frame 1 at 1.5.
+    scaled = STDiT(size, **options, space_scale=0.5, time_scale=2 / 3)
+    # pos_embed (1, 4*4, 24): row 1 is (h=0, w=1), its first 12 channels embed w (6 sines, 6 cosines)
+    np.testing.assert_allclose(scaled.pos_embed[0, 1, [0, 6]], [math.sin(2.0), math.cos(2.0)], rtol=1e-6)
+    np.testing.assert_allclose(base.pos_embed[0, 1, [0, 6]], [math.sin(1.0), math.cos(1.0)], rtol=1e-6)
+    np.testing.assert_allclose(scaled.pos_embed_temporal[0, 1, [0, 12]], [math.sin(1.5), math.cos(1.5)], rtol=1e-6)
+    # and the forward reads them: with the same weights, each scale changes the output.
+    generator = torch.Generator().manual_seed(0)
+    for parameter in base.parameters():
+        torch.nn.init.normal_(parameter, std=0.1, generator=generator)
+    weights = {k: v for k, v in base.state_dict().items() if not k.startswith("pos_embed")}
+    x, t, y = torch.randn(1, 4, 4, 8, 8), torch.tensor([3]), torch.randn(1, 3, 8)
+    out = base.eval()(x, t, y)
+    assert out.shape == (1, 8, 4, 8, 8)
+    for scales in ({"space_scale": 0.5}, {"time_scale": 2 / 3}):
+        other = STDiT(size, **options, **scales)
+        other.load_state_dict(weights, strict=False)
+        assert not torch.allclose(other.eval()(x, t, y), out), scales
 
 
 # --------------------------------------------------------------------------- weights
@@ -287,26 +329,24 @@ def test_debug_model_learns_a_fixed_batch_in_seconds():
 # --------------------------------------------------------------------------- small references
 
 
-def test_2d_position_embedding_against_the_formula():
-    from sora_model.layers import sincos_2d
-
-    table = sincos_2d(8, 2, 3)  # (h*w, 8), row-major: token (h=1, w=2) is row 5
+def test_position_embeddings_against_the_formula():
+    table = sincos_embedding(8, (2, 3))  # (h*w, 8), row-major: token (h=1, w=2) is row 5
     w, h = 2.0, 1.0
     expected_row = [
         *[math.sin(w), math.sin(w / 100), math.cos(w), math.cos(w / 100)],  # first half: the w coordinate
         *[math.sin(h), math.sin(h / 100), math.cos(h), math.cos(h / 100)],
     ]
     np.testing.assert_allclose(table[5], expected_row, rtol=1e-6)
-    stretched = sincos_2d(8, 2, 3, scale=0.5, base_size=4)  # coordinates / scale x base_size / size
+    stretched = sincos_embedding(8, (2, 3), scale=0.5, base_size=4)  # coordinates / scale x base_size / size
     u = w / 0.5 * 4 / 3  # the w coordinate, divided by the scale, stretched by base_size / width
     np.testing.assert_allclose(
         stretched[5][:4], [math.sin(u), math.sin(u / 100), math.cos(u), math.cos(u / 100)], rtol=1e-5
     )
+    frames = sincos_embedding(4, (3,), scale=2 / 3)  # (t, 4): frame 2 sits at 2 / (2/3) = 3
+    np.testing.assert_allclose(frames[2], [math.sin(3), math.sin(0.03), math.cos(3), math.cos(0.03)], rtol=1e-6)
 
 
 def test_timestep_embedding_against_the_formula():
-    from sora_model.layers import timestep_embedding
-
     emb = timestep_embedding(torch.tensor([3.0]), dim=4)  # half = 2: frequencies 1 and 1/100
     np.testing.assert_allclose(emb[0].numpy(), [math.cos(3), math.cos(0.03), math.sin(3), math.sin(0.03)], rtol=1e-6)
 
@@ -321,9 +361,7 @@ def test_unpatchify_inverts_patchify():
 def test_guidance_scale_one_is_the_conditional_prediction():
     from sora_model.diffusion import classifier_free_guidance
 
-    model = debug_stdit2().eval()
-    for parameter in model.final_layer.parameters():
-        torch.nn.init.normal_(parameter, std=0.1)
+    model = visible(debug_stdit2().eval())
     x = torch.randn(1, 4, 2, 8, 8)
     y, mask = caption(1)
     t = torch.tensor([400])
@@ -338,7 +376,7 @@ def test_guidance_scale_one_is_the_conditional_prediction():
 def test_sampling_the_debug_model_returns_the_requested_shape(kind):
     from sora_model.diffusion import build_scheduler
 
-    model = debug_stdit2().eval()
+    model = visible(debug_stdit2().eval())
     y, mask = caption(1)
     scheduler = build_scheduler(kind, num_sampling_steps=3, cfg_scale=4.0)
     extra = conditioning(2, 64, 96, 3)
@@ -351,53 +389,46 @@ def test_sampling_the_debug_model_returns_the_requested_shape(kind):
 
 
 def test_dit_forward_and_names():
-    from sora_model.sizes import Family, ModelSize
-    from sora_model.stdit import DiT
-
-    model = DiT(ModelSize(Family.DIT, 2, 48, 4), input_size=(3, 8, 8), caption_channels=16, model_max_length=5)
-    out = model(torch.randn(2, 4, 3, 8, 8), torch.tensor([1, 2]), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=bool))
+    model = DiT(ModelSize(Family.DIT, 2, 48, 4), input_size=(3, 8, 8), caption_channels=16, model_max_length=5).eval()
+    x, t, y = torch.randn(2, 4, 3, 8, 8), torch.tensor([1, 2]), torch.randn(2, 5, 16)
+    mask = torch.tensor([[True] * 3 + [False] * 2])
+    out = model(x, t, y, mask.repeat(2, 1))
     assert out.shape == (2, 8, 3, 8, 8)
+    assert not out.any()  # adaLN-zero: the untrained model predicts exactly zero
     assert "blocks.0.adaLN_modulation.1.weight" in model.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.1, generator=generator)
+    out = model(x, t, y, mask.repeat(2, 1))
+    # The caption is pooled over its real tokens: its padding does not matter ...
+    other = y.clone()
+    other[:, 3:] = torch.randn(2, 2, 16) * 10
+    torch.testing.assert_close(model(x, t, other, mask.repeat(2, 1)), out)
+    assert not torch.allclose(model(x, t, other), model(x, t, y))  # ... unless there is no mask
+    torch.testing.assert_close(model(x, t, y, mask), out)  # one mask for a guidance batch: repeated
     with pytest.raises(ValueError, match="no frame conditioning"):
         model(torch.randn(1, 4, 3, 8, 8), torch.tensor([1]), torch.randn(1, 5, 16), x_mask=torch.ones(1, 3, dtype=bool))
 
 
 def test_layernorm_kernel_request_is_an_option_not_a_crash():
+    warn_once.cache_clear()  # an earlier test may have given the warning already
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build_model("debug", DEBUG_TEXT, 16, input_sq_size=64, enable_layernorm_kernel=True)
+        build_model("debug", DEBUG_TEXT, 16, input_sq_size=64, enable_layernorm_kernel=True)
     assert isinstance(model, STDiT2)
-    assert len([w for w in caught if "layer_norm" in str(w.message)]) <= 1
-
-
-def test_activation_checkpointing_applies_from_outside():
-    """The model has no checkpointing switch: wrapping its blocks from outside gives the same gradients."""
-    from torch.utils.checkpoint import checkpoint
-
-    x = torch.randn(1, 4, 2, 8, 8)
-    y, mask = caption(1)
-    extra = conditioning(1, 64, 64, 2)
-
-    def gradients(model):
-        model(x, torch.tensor([300]), y, mask, **extra).pow(2).mean().backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    plain = debug_stdit2()
-    wrapped = debug_stdit2()
-    for block in wrapped.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    reference, checkpointed = gradients(plain), gradients(wrapped)
-    assert reference.keys() == checkpointed.keys()
-    for name in reference:
-        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-4, atol=1e-6)
+    assert len([w for w in caught if "layer_norm" in str(w.message)]) == 1  # once, not for every model
 
 
 def test_stdit_v1_recomputes_the_position_embedding_for_another_grid():
-    from sora_model.sizes import Family, ModelSize
-
-    model = STDiT(ModelSize(Family.STDIT, 1, 24, 2), input_size=(2, 32, 32), caption_channels=8, model_max_length=4)
-    seen = {}
-    original = model._spatial_embedding
-    model._spatial_embedding = lambda h, w: seen.setdefault((h, w), original(h, w))
-    model(torch.randn(1, 4, 2, 16, 64), torch.tensor([3]), torch.randn(1, 3, 8))  # 8 x 32 = 256 tokens, like 16 x 16
-    assert seen and list(seen) == [(8, 32)]
+    """A latent of another grid gets its own sin-cos table, even with as many tokens as the trained one."""
+    size = ModelSize(Family.STDIT, 1, 24, 2)
+    square = STDiT(size, input_size=(2, 32, 32), caption_channels=8, model_max_length=4)  # 16 x 16 patches
+    generator = torch.Generator().manual_seed(0)
+    for parameter in square.parameters():
+        torch.nn.init.normal_(parameter, std=0.1, generator=generator)
+    wide = STDiT(size, input_size=(2, 16, 64), caption_channels=8, model_max_length=4)  # 8 x 32 patches
+    wide.load_state_dict({k: v for k, v in square.state_dict().items() if not k.startswith("pos_embed")}, strict=False)
+    assert not torch.allclose(square.pos_embed, wide.pos_embed)  # both (1, 256, 24)
+    x, t, y = torch.randn(1, 4, 2, 16, 64), torch.tensor([3]), torch.randn(1, 3, 8)  # an 8 x 32 grid
+    torch.testing.assert_close(square.eval()(x, t, y), wide.eval()(x, t, y))

@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from pipelines import cache as C
-from pipelines.bucket_report import bucket_config_of
-from pipelines.config import load_config
-from pipelines.train_data import CacheBatches, bucket_batch_size, frame_mask, plan_epoch
+from bucketing.assign import parse_bucket_name
+from pipelines.cache import Cache
+from pipelines.config import ConfigError, load_config
+from pipelines.train_data import CacheBatches, frame_mask, plan_epoch
 
 ROWS = {"144p-16f-0.56": 9, "144p-1f-1.00": 5, "240p-8f-1.78": 1}
 SIZES = {"144p-16f-0.56": 2, "144p-1f-1.00": 4, "240p-8f-1.78": 2}
@@ -77,16 +77,13 @@ def test_mask_kinds_are_drawn_by_their_ratios():
 def test_batches_from_the_demo_cache(clean_cache):
     cache_dir, config_path = clean_cache
     config = load_config(config_path, "train")
-    cache = C.Cache(cache_dir)
-    data = CacheBatches(cache, config.mask_ratios)
-    buckets = bucket_config_of(config)
-    sizes = {bucket: bucket_batch_size(buckets, bucket) for bucket in data.bucket_rows()}
+    data = CacheBatches(Cache(cache_dir), config.mask_ratios)
+    sizes = data.batch_sizes(config.buckets)
     plan = plan_epoch(data.bucket_rows(), sizes, seed=config.seed, epoch=0, workers=1)
     assert plan.steps > 0
     batches = list(data.iterate(plan, rank=0, seed=config.seed, epoch=0))
     for (step, batch), ref in zip(batches, plan.batches[0], strict=True):
-        _, frames, _ = ref.bucket.rsplit("-", 2)
-        t = int(frames.removesuffix("f"))
+        t = parse_bucket_name(ref.bucket)[1]
         b = sizes[ref.bucket]
         height, width = int(batch["height"][0]), int(batch["width"][0])
         assert batch["x"].shape == (b, 4, t, height // 8, width // 8), (step, ref.bucket)
@@ -106,7 +103,16 @@ def test_batches_from_the_demo_cache(clean_cache):
 
 def test_batch_sizes_come_from_the_bucket_config(clean_cache):
     config = load_config(clean_cache[1], "train")
-    buckets = bucket_config_of(config)
-    assert bucket_batch_size(buckets, "144p-16f-0.56") == 2
-    assert bucket_batch_size(buckets, "144p-1f-1.00") == 4
-    assert bucket_batch_size(buckets, "1080p-16f-0.56") is None
+    assert config.buckets.batch_size("144p", 16) == 2
+    assert config.buckets.batch_size("144p", 1) == 4
+    assert config.buckets.batch_size("1080p", 16) is None
+    data = CacheBatches(Cache(clean_cache[0]))
+    sizes = data.batch_sizes(config.buckets)
+    assert set(sizes) == set(data.bucket_rows())
+    assert all(size == config.buckets.batch_size(*parse_bucket_name(name)[:2]) for name, size in sizes.items())
+
+
+def test_a_cache_bucket_the_config_lacks_is_an_error(clean_cache):
+    config = load_config(clean_cache[1], "train", {"bucket_config": {"144p": {1: (1.0, 4)}}})
+    with pytest.raises(ConfigError, match=r"the cache has bucket 144p-16f-\S+ but the config has no batch size"):
+        CacheBatches(Cache(clean_cache[0])).batch_sizes(config.buckets)

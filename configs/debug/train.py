@@ -10,8 +10,6 @@ image_size = None
 # Dataset
 root = None
 data_path = "demo/data/data.csv"
-use_image_transform = False
-num_workers = 2
 
 # Acceleration
 dtype = "fp32"

@@ -33,7 +33,6 @@ mask_ratios = {
 }
 
 # Acceleration
-num_workers = 8
 dtype = "bf16"
 grad_checkpoint = True
 plugin = "zero2"

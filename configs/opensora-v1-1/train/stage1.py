@@ -31,7 +31,6 @@ mask_ratios = {
 }
 
 # Acceleration
-num_workers = 8
 dtype = "bf16"
 grad_checkpoint = False
 plugin = "zero2"

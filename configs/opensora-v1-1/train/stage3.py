@@ -34,7 +34,6 @@ mask_ratios = {
 }
 
 # Acceleration
-num_workers = 8
 dtype = "bf16"
 grad_checkpoint = True
 plugin = "zero2"

@@ -9,8 +9,6 @@ image_size = (512, 512)
 # Dataset
 root = None
 data_path = "CSV_PATH"  # or: sora preprocess DATA.csv
-use_image_transform = False
-num_workers = 4
 
 # Acceleration
 dtype = "bf16"

@@ -1,0 +1,290 @@
+"""The training worker, without Ray: engine, step, EMA, logging, checkpoints, and the loop.
+
+`train_worker(job, rank, world, hooks)` is what every worker runs. Ray Train supplies the
+rank, the world size, reporting and restarts through `hooks` (see `pipelines/train.py`);
+`train_one_process(job)` drives the very same code in this process on one device (world
+size 1), for benchmarks and checks that need no cluster.
+
+Everything random in a step (the batch, its temporal windows, posterior and timestep
+draws, masks, caption dropout) is seeded by (seed, epoch, step, rank), so a run resumed
+from a checkpoint continues with exactly the batches and losses an uninterrupted run
+would have had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from pipelines.cache import Cache
+from pipelines.checkpoint import TrainState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipelines.config import TrainConfig, format_config
+from pipelines.models import load_model, size_inputs
+from pipelines.train_data import CacheBatches, plan_epoch, seed_of
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What every worker is given: the config and where things are."""
+
+    config: TrainConfig
+    cache_dir: str  # absolute path or URI
+    experiment: Path
+    steps_per_epoch: int
+    resume: Path | None = None  # `--load`: the checkpoint to start from
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+
+class WorkerHooks(Protocol):
+    """What the job runner adds to a worker: a checkpoint to resume from, and reporting."""
+
+    def resumed(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The runner's own checkpoint to continue from (after a restart), if any."""
+        ...
+
+    def saved(self, global_step: int, scratch: Path) -> None:
+        """A checkpoint was written; `scratch` holds this rank's files until the call returns."""
+        ...
+
+
+class LocalHooks:
+    """One process, no runner: nothing to resume from but the experiment, nothing to report."""
+
+    def resumed(self) -> contextlib.AbstractContextManager[Path | None]:
+        return contextlib.nullcontext(None)
+
+    def saved(self, global_step: int, scratch: Path) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- pieces of a worker
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block in the backward pass instead of keeping its activations.
+
+    The wrapper keeps state_dict keys unchanged, so checkpoints stay Open-Sora's.
+    """
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = checkpoint_wrapper(block)
+
+
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    """An fp32 copy that follows the weights slowly; what sampling uses."""
+    return copy.deepcopy(model).float().eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_param.mul_(decay).add_(param.detach().float(), alpha=1 - decay)
+
+
+def build_engine(model: torch.nn.Module, config: TrainConfig):
+    """A DeepSpeed ZeRO-2 engine around `model` with AdamW; the process group must exist."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,  # informational: batch sizes vary by bucket
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": config.dtype == "bf16" and on_gpu},
+        "fp16": {"enabled": config.dtype == "fp16" and on_gpu},
+        "steps_per_print": 10**9,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    return engine
+
+
+def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: str, key: tuple) -> dict:
+    """One optimizer step on one micro-batch; `key` (seed, epoch, step, rank) seeds its randomness.
+
+    Returns the loss (a detached tensor: reading it syncs the device, so only when logged)
+    and the gradient norm before clipping.
+    """
+    x = batch["x"]  # (B, C, T, h, w)
+    torch.manual_seed(seed_of(*key, "model"))  # caption dropout inside the model
+    generator = torch.Generator().manual_seed(seed_of(*key, "diffusion"))
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator).to(x.device)  # (B,)
+    noise = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, T, h, w)
+    sizes = size_inputs(model_type, x.shape[0], x.device, batch["height"], batch["width"], batch["num_frames"],
+                        batch["fps"])  # fmt: skip
+
+    def model_fn(x_t, t, x_mask):  # the diffusion's view of the model: the caption bound
+        return engine(x_t, t, batch["y"], batch["y_mask"], x_mask, **sizes)
+
+    loss = diffusion.training_losses(model_fn, x, t, noise, batch.get("x_mask"))["loss"].mean()
+    engine.backward(loss)
+    engine.step()
+    return {"loss": loss.detach(), "grad_norm": engine.get_global_grad_norm()}
+
+
+class TrainLog:
+    """Rank 0's record of training: a line on stdout, TensorBoard, wandb, losses.jsonl."""
+
+    def __init__(self, config: TrainConfig, experiment: Path, total_steps: int, world: int) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.config, self.experiment, self.total_steps, self.world = config, experiment, total_steps, world
+        self.writer = SummaryWriter(str(experiment / "tensorboard"))
+        self.run = _wandb_run(config, experiment)
+        self.wait = self.compute = 0.0
+        self.samples = 0
+
+    def record(self, state: TrainState, metrics: dict, batch_size: int, wait: float, compute: float) -> None:
+        """Count a finished step; write it out when it is the first or a `log_every` step."""
+        self.wait, self.compute = self.wait + wait, self.compute + compute
+        self.samples += batch_size * self.world
+        step = state.global_step
+        if step % self.config.log_every and step != 1:
+            return
+        busy = max(1e-9, self.wait + self.compute)
+        grad_norm = metrics["grad_norm"]
+        values = {
+            "loss": float(metrics["loss"]),
+            "lr": self.config.lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s": self.samples / busy,
+            "data_wait": self.wait / busy,
+        }
+        line = " ".join(f"{key} {value:.4g}" for key, value in values.items())
+        print(f"step {step}/{self.total_steps} epoch {state.epoch} {line}", flush=True)
+        for key, value in values.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        if self.run is not None:
+            self.run.log(values, step=step)
+        with (self.experiment / "losses.jsonl").open("a") as handle:
+            handle.write(json.dumps({"step": step, "loss": values["loss"]}) + "\n")
+        self.wait = self.compute = 0.0
+        self.samples = 0
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_run(config: TrainConfig, experiment: Path):
+    """A wandb run when `wandb=True` and the package is installed; otherwise None, said once."""
+    if not config.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb=True but wandb is not installed (pip install wandb): logging to TensorBoard only", flush=True)
+        return None
+    return wandb.init(project="sora", name=experiment.name, dir=str(experiment), config={"model": config.model.type})
+
+
+def _write_worker_info(experiment: Path, world: int, device: torch.device) -> None:
+    """What the worker runs on, and proof that no VAE or text encoder was loaded."""
+    heavy = [name for name in ("sora_model.vae", "sora_model.text_encoder", "diffusers") if name in sys.modules]
+    info = {"world_size": world, "device": str(device), "encoders_loaded": heavy}
+    (experiment / "worker.json").write_text(json.dumps(info) + "\n")
+
+
+def _batches(data: CacheBatches, config: TrainConfig, state: TrainState, rank: int, world: int) -> Iterator[tuple]:
+    """(seconds waited, batch) for this rank from the data position on, epoch after epoch.
+
+    Each epoch's plan is made when the previous epoch ends, from the state the loop advanced.
+    """
+    while True:
+        plan = plan_epoch(data.bucket_rows(), data.batch_sizes(config.buckets), config.seed, state.epoch, world)
+        started = time.perf_counter()
+        for _, batch in data.iterate(plan, rank, config.seed, state.epoch, state.step):
+            yield time.perf_counter() - started, batch
+            started = time.perf_counter()
+
+
+def fixed_latent_size(config: TrainConfig) -> tuple[int, int, int] | None:
+    """(T, h, w) of the fixed-size form (SD VAE stride 8); None with a bucket_config."""
+    if config.image_size is None or config.num_frames is None:
+        return None
+    return config.num_frames, config.image_size[0] // 8, config.image_size[1] // 8
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> None:
+    """Train from the job's data position to `total_steps`, checkpointing on the way."""
+    from sora_model.diffusion import IDDPM
+
+    config = job.config
+    torch.manual_seed(config.seed)
+    data = CacheBatches(Cache(job.cache_dir), config.mask_ratios)
+    model = load_model(config.model, data.cache.text_dim(), config.text_encoder.model_max_length,
+                       fixed_latent_size(config))  # fmt: skip
+    ema = make_ema(model) if rank == 0 else None
+    if config.grad_checkpoint:
+        apply_activation_checkpointing(model)
+    engine = build_engine(model, config)
+    diffusion = IDDPM(timestep_respacing=config.scheduler.timestep_respacing)
+    state = TrainState()
+    # Where to continue from: the runner's checkpoint (after a restart), else `--load`, else
+    # the newest complete checkpoint of this experiment.
+    with hooks.resumed() as found:
+        if found := found or job.resume or latest_checkpoint(job.experiment):
+            state = load_checkpoint(Path(found), engine, ema)
+    log = TrainLog(config, job.experiment, job.total_steps, world) if rank == 0 else None
+    if rank == 0:
+        _write_worker_info(job.experiment, world, engine.device)
+    batches = _batches(data, config, state, rank, world)
+    while state.global_step < job.total_steps:
+        wait, batch = next(batches)
+        started = time.perf_counter()
+        batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+        key = (config.seed, state.epoch, state.step, rank)  # the data position, before the step advances it
+        metrics = train_step(engine, diffusion, batch, config.model.type, key)
+        if ema is not None:
+            update_ema(ema, engine.module, config.ema_decay)
+        state.advance(job.steps_per_epoch)
+        if log is not None:
+            log.record(state, metrics, batch["x"].shape[0], wait, time.perf_counter() - started)
+        if state.global_step % config.ckpt_every == 0 or state.global_step == job.total_steps:
+            folder = checkpoint_dir(job.experiment, state.global_step)
+            save_checkpoint(folder, engine, ema, state, format_config(config), rank,
+                            on_saved=lambda scratch: hooks.saved(state.global_step, scratch))  # fmt: skip
+    if log is not None:
+        log.close()
+
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """A torch.distributed group of this process alone, for DeepSpeed outside a cluster."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    for name in ("RANK", "LOCAL_RANK"):  # what DeepSpeed reads of a launcher's environment
+        os.environ.setdefault(name, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def train_one_process(job: TrainJob) -> None:
+    """The worker in this process, world size 1, on this process's device: no Ray involved."""
+    job.experiment.mkdir(parents=True, exist_ok=True)
+    with single_process_group():
+        train_worker(job, rank=0, world=1, hooks=LocalHooks())

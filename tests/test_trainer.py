@@ -1,0 +1,108 @@
+"""The training worker without Ray: state, activation checkpointing, and one process on one device."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipelines.checkpoint import TrainState
+from tests.conftest import ROOT
+
+# Runs in a fresh interpreter: DeepSpeed and a process group stay out of the test process.
+ONE_PROCESS = """
+import json, sys
+from pathlib import Path
+from pipelines.cache import Cache
+from pipelines.config import load_config
+from pipelines.train import make_plan
+from pipelines.trainer import TrainJob, train_one_process
+
+config_path, cache_dir, experiment, epochs, resume = sys.argv[1:]
+config = load_config(config_path, "train", {"epochs": int(epochs), "log_every": 1, "ckpt_every": 4, "lr": 1e-3})
+steps = make_plan(Cache(cache_dir), config, workers=1).steps_per_epoch
+job = TrainJob(config, cache_dir, Path(experiment), steps, Path(resume) if resume else None)
+train_one_process(job)
+print(json.dumps({"steps_per_epoch": steps, "ray_loaded": "ray" in sys.modules}))
+"""
+
+
+def run_one_process(config, cache, experiment, epochs: int, resume: str = "") -> dict:
+    args = [sys.executable, "-c", ONE_PROCESS, str(config), str(cache), str(experiment), str(epochs), resume]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def losses(experiment) -> dict[int, float]:
+    lines = (experiment / "losses.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def test_train_state_advances_through_epochs_and_round_trips():
+    state = TrainState()
+    for _ in range(5):
+        state.advance(steps_per_epoch=2)
+    assert (state.epoch, state.step, state.global_step) == (2, 1, 5)
+    restored = TrainState()
+    restored.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert restored == state
+    assert state.state_dict() == {"epoch": 2, "step": 1, "global_step": 5}
+
+
+def test_activation_checkpointing_keeps_keys_and_gradients():
+    from pipelines.models import size_inputs
+    from pipelines.trainer import apply_activation_checkpointing
+    from sora_model.stdit import build_model
+
+    model = build_model("debug", 16, 8)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():  # the final layer starts at zero: most gradients would be zero too
+        torch.nn.init.normal_(parameter, std=0.05, generator=generator)
+    checkpointed = build_model("debug", 16, 8)
+    checkpointed.load_state_dict(model.state_dict())
+    apply_activation_checkpointing(checkpointed)
+    assert list(checkpointed.state_dict()) == list(model.state_dict())  # Open-Sora's keys, no wrapper prefix
+    assert all(type(block).__name__ == "CheckpointWrapper" for block in checkpointed.blocks)
+
+    def grads(net):
+        net.zero_grad()
+        torch.manual_seed(1)
+        x, y = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 16)
+        sizes = size_inputs("debug", 2, torch.device("cpu"), 64, 64, 3, 8)
+        net(x, torch.tensor([10, 500]), y, torch.ones(2, 5, dtype=torch.bool), None, **sizes).square().mean().backward()
+        return [None if p.grad is None else p.grad.clone() for p in net.parameters()]  # caption dropout: some unused
+
+    reference = grads(model)
+    assert sum(grad is not None and bool(grad.abs().sum() > 0) for grad in reference) > len(reference) // 2
+    for a, b in zip(reference, grads(checkpointed), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_one_process_trains_without_ray_and_resumes_exactly(clean_cache, tmp_path):
+    cache, config = clean_cache
+    experiment = tmp_path / "one"
+    first = run_one_process(config, cache, experiment, epochs=2)
+    assert not first["ray_loaded"]
+    total = 2 * first["steps_per_epoch"]
+    trained = losses(experiment)
+    assert sorted(trained) == list(range(1, total + 1))
+    assert all(loss == loss and loss > 0 for loss in trained.values())  # finite, positive
+    assert json.loads((experiment / "worker.json").read_text())["world_size"] == 1
+    checkpoints = sorted(p.name for p in (experiment / "checkpoints").glob("step-*"))
+    assert (
+        checkpoints[-1] == f"step-{total:07d}" and (experiment / "checkpoints" / checkpoints[0] / "COMPLETE").is_file()
+    )
+    # From the step-4 checkpoint, in a fresh experiment: the same losses for the same steps.
+    resumed = tmp_path / "resumed"
+    run_one_process(config, cache, resumed, epochs=2, resume=str(experiment / "checkpoints" / "step-0000004"))
+    again = losses(resumed)
+    assert sorted(again) == list(range(5, total + 1))
+    for step, loss in again.items():
+        assert loss == pytest.approx(trained[step], rel=1e-5, abs=1e-6), step
