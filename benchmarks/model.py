@@ -34,8 +34,9 @@ def model_flops(model, tokens: int, frames: int) -> float:
 
 
 def measure(size: str, steps: int) -> dict:
+    from pipelines.models import size_inputs
     from sora_model.sizes import MODEL_SIZES, Family
-    from sora_model.stdit import STDiT2, build_model
+    from sora_model.stdit import build_model
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -48,10 +49,7 @@ def measure(size: str, steps: int) -> dict:
     mask = torch.zeros(1, CAPTION, dtype=torch.bool, device=device)
     mask[:, :REAL_TOKENS] = True
     t = torch.tensor([500], device=device)
-    extra = {}
-    if isinstance(model, STDiT2):  # size conditioning
-        full = lambda v: torch.full((1,), float(v), device=device)  # noqa: E731
-        extra = {"height": full(256), "width": full(256), "num_frames": full(16), "fps": full(8)}
+    extra = size_inputs(size, 1, device, height=256, width=256, num_frames=16, fps=8)  # STDiT2 only
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     def step() -> None:

@@ -22,7 +22,7 @@ import decord
 import numpy as np
 import pandas as pd
 
-from pipelines import cache as C
+from pipelines.cache import LATENT_MEAN, NUM_TOKENS, REJECT_COLUMNS, REJECT_STAGE, SRC_FPS, TEXT_EMB, TEXT_SHAPE, Cache
 from pipelines.config import load_config
 from pipelines.demo_data import plan_demo, write_demo_data
 from pipelines.preprocess import FILE, SOURCE_SIZE, preprocess, probe_batch
@@ -46,11 +46,11 @@ def decord_loop(paths: list[str]) -> None:
 
 
 def probe_stage(paths: list[str]) -> None:
-    batch = pd.DataFrame({FILE: paths, **dict.fromkeys(SOURCE_SIZE, 0), C.SRC_FPS: 0.0})
-    for column in C.REJECT_COLUMNS:
+    batch = pd.DataFrame({FILE: paths, **dict.fromkeys(SOURCE_SIZE, 0), SRC_FPS: 0.0})
+    for column in REJECT_COLUMNS:
         batch[column] = None
     out = probe_batch(batch)
-    assert out[C.REJECT_STAGE].isna().all()
+    assert out[REJECT_STAGE].isna().all()
 
 
 def best_rate(function, paths: list[str], repeat: int = 3) -> float:
@@ -105,7 +105,7 @@ def main() -> None:
             print(f"   steady state (the VAE's first to last batch, {window:.1f} s): VAE + T5 compute {busy:.0%} "
                   f"of the wall time, pipeline overhead {max(0.0, 1 - busy):.0%}")  # fmt: skip
 
-        cache = C.Cache(folder / "cache")
+        cache = Cache(folder / "cache")
         shard_bytes = sum(
             cache.store.fs.get_file_info(cache.store.path(shard)).size
             for bucket in cache.buckets()
@@ -114,10 +114,10 @@ def main() -> None:
         tokens, latent_bytes, text_bytes, dim = [], 0, 0, 0
         for bucket in cache.buckets():
             table = cache.table(bucket)
-            tokens += table.column(C.NUM_TOKENS).to_pylist()
-            latent_bytes += sum(len(b) for b in table.column(C.LATENT_MEAN).to_pylist()) * 2
-            text_bytes += sum(len(b) for b in table.column(C.TEXT_EMB).to_pylist())
-            dim = table.column(C.TEXT_SHAPE).to_pylist()[0][1]
+            tokens += table.column(NUM_TOKENS).to_pylist()
+            latent_bytes += sum(len(b) for b in table.column(LATENT_MEAN).to_pylist()) * 2
+            text_bytes += sum(len(b) for b in table.column(TEXT_EMB).to_pylist())
+            dim = table.column(TEXT_SHAPE).to_pylist()[0][1]
         kept = len(tokens)
         max_length = config.text_encoder.model_max_length
         padded_text = kept * max_length * dim * 2  # fp16, padded to model_max_length

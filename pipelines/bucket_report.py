@@ -10,9 +10,21 @@ from tqdm import tqdm
 
 from bucketing.assign import assign_buckets, sample_keys
 from bucketing.report import Report, build_report, format_report, report_to_dict
-from pipelines import cache
+from pipelines.cache import (
+    BUCKETING,
+    ID,
+    PATH,
+    REASON,
+    ROW,
+    SRC_HEIGHT,
+    SRC_NUM_FRAMES,
+    SRC_WIDTH,
+    STAGE,
+    Cache,
+    check_cache_matches,
+)
 from pipelines.config import TrainConfig
-from pipelines.dataset import read_metadata, read_table, resolve_paths, sample_id
+from pipelines.dataset import SIZE_COLUMNS, read_metadata, read_table, resolve_paths, sample_id
 from pipelines.probe import ProbeError, probe
 
 
@@ -23,7 +35,7 @@ def report_from_table(table_path: str | Path, config: TrainConfig, progress: boo
     texts = table["text"].fillna("").astype(str).tolist()
     metadata, has_size = read_metadata(table)
     known = np.array(has_size, dtype=bool)  # grows as files are probed
-    frames, heights, widths = np.array(metadata[["num_frames", "height", "width"]].fillna(0), dtype=np.int64).T
+    frames, heights, widths = np.array(metadata[list(SIZE_COLUMNS)].fillna(0), dtype=np.int64).T
 
     rejected: dict[str, list[str]] = {}
     unknown = np.flatnonzero(~known)
@@ -47,24 +59,24 @@ def report_from_table(table_path: str | Path, config: TrainConfig, progress: boo
 def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
     """The report of a finished cache: its probe table through the same assignment, with the
     rows the cache rejected (unreadable files, failed decodes) counted by stage and reason."""
-    finished = cache.Cache(cache_dir)  # refuses an unfinished folder
-    cache.check_cache_matches(finished.store, config)
-    probed = finished.probe_table().to_pandas()
-    rejects = finished.rejects().to_pandas()
-    not_bucketing = rejects[rejects[cache.STAGE] != cache.BUCKETING]
+    cache = Cache(cache_dir)  # refuses an unfinished folder
+    check_cache_matches(cache.store, config)
+    probed = cache.probe_table().to_pandas()
+    rejects = cache.rejects().to_pandas()
+    not_bucketing = rejects[rejects[STAGE] != BUCKETING]
     rejected: dict[str, list[str]] = {}
-    for row in not_bucketing.itertuples(index=False):
-        rejected.setdefault(f"{row.stage}: {row.reason}", []).append(row.path)
-    rows = probed[~probed[cache.ROW].isin(set(not_bucketing[cache.ROW]))]
+    for stage, reason, path in zip(not_bucketing[STAGE], not_bucketing[REASON], not_bucketing[PATH], strict=True):
+        rejected.setdefault(f"{stage}: {reason}", []).append(path)
+    rows = probed[~probed[ROW].isin(set(not_bucketing[ROW]))]
     assignments = assign_buckets(
         config.buckets,
-        rows[cache.SRC_NUM_FRAMES].to_numpy(),
-        rows[cache.SRC_HEIGHT].to_numpy(),
-        rows[cache.SRC_WIDTH].to_numpy(),
-        sample_keys(rows[cache.ID]),
+        rows[SRC_NUM_FRAMES].to_numpy(),
+        rows[SRC_HEIGHT].to_numpy(),
+        rows[SRC_WIDTH].to_numpy(),
+        sample_keys(rows[ID]),
         config.seed,
     )
-    return build_report(assignments, rows[cache.PATH].tolist(), rejected)
+    return build_report(assignments, rows[PATH].tolist(), rejected)
 
 
 def bucket_report(source: str | Path, config: TrainConfig, as_json: bool, plot: str | Path | None) -> str:

@@ -103,7 +103,8 @@ REJECT_SCHEMA = pa.schema(
 
 # While preprocessing, a row that fails gets these columns set (stage, reason, detail);
 # they become the stage, reason and detail columns of rejects.arrow. probe.arrow keeps them.
-REJECT_STAGE, REJECT_REASON, REJECT_DETAIL = REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
+REJECT_STAGE = "reject_stage"
+REJECT_COLUMNS = (REJECT_STAGE, "reject_reason", "reject_detail")
 # The stages named in rejects.arrow, in pipeline order.
 VALIDATE, PROBE_STAGE, BUCKETING, DECODE, ENCODE = "validate", "probe", "bucket", "decode", "encode"
 

@@ -9,8 +9,8 @@
     config.py           the resolved config
     COMPLETE            written last, once every worker's files are in
 
-A folder without COMPLETE is never resumed from nor sampled. Everything is written into a
-scratch folder first and copied over, so the experiment's copy grows by whole files.
+A folder without COMPLETE is never resumed from nor sampled: the files are written into a
+scratch folder, copied into the experiment by every rank, and COMPLETE comes after all of them.
 """
 
 from __future__ import annotations
@@ -101,11 +101,11 @@ def save_checkpoint(
     state: TrainState,
     config_text: str,
     rank: int,
-    on_saved: Callable[[Path], None] | None = None,
+    on_saved: Callable[[int, Path], None] | None = None,
 ) -> None:
     """Every rank writes its ZeRO shards, rank 0 also the weights, EMA, state and config; then
-    COMPLETE marks the folder usable. `on_saved(scratch)` sees this rank's files before they
-    are removed (Ray Train keeps its own copy from there)."""
+    COMPLETE marks the folder usable. `on_saved(global_step, scratch)` sees this rank's files
+    before they are removed (Ray Train keeps its own copy from there)."""
     with tempfile.TemporaryDirectory() as scratch:
         target = Path(scratch)
         engine.save_checkpoint(str(target / DEEPSPEED), tag=DEEPSPEED_TAG)
@@ -121,7 +121,7 @@ def save_checkpoint(
         if rank == 0:
             (folder / COMPLETE).write_text("")
         if on_saved is not None:
-            on_saved(target)
+            on_saved(state.global_step, target)
 
 
 def load_checkpoint(folder: Path, engine, ema: torch.nn.Module | None) -> TrainState:

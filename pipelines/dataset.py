@@ -11,7 +11,8 @@ from pipelines.config import ConfigError
 
 REQUIRED_COLUMNS = ("path", "text")
 # Open-Sora's data tools write these; when present they spare probing the files.
-METADATA_COLUMNS = ("num_frames", "height", "width", "fps")
+SIZE_COLUMNS = ("num_frames", "height", "width")  # what bucketing needs of a row
+METADATA_COLUMNS = (*SIZE_COLUMNS, "fps")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -49,20 +50,18 @@ def read_metadata(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
     """The table's metadata columns as numbers, and which rows have a usable size.
 
     num_frames, height and width become integers, rounded (a tool that wrote 719.9999 meant
-    720); blanks and junk become missing, and such rows are probed. fps stays a float.
+    720); blanks, junk, infinities and absurd values become missing, and such rows are probed. fps stays a float.
     Absent columns are all missing. `sora preprocess` and `sora bucket-report` both read
     the table through here, so they agree on every row's bucket.
     """
     columns = {}
     for name in METADATA_COLUMNS:
-        values = (
-            pd.to_numeric(table[name], errors="coerce")
-            if name in table.columns
-            else pd.Series(float("nan"), index=table.index)
-        )
-        columns[name] = values.astype("float64") if name == "fps" else values.round().astype("Int64")
+        raw = table[name] if name in table.columns else pd.Series(None, index=table.index, dtype=object)
+        values = pd.to_numeric(raw, errors="coerce").astype("float64")
+        values = values.where(values.abs() < 2**31)  # infinities and absurd values: missing
+        columns[name] = values if name == "fps" else values.round().astype("Int64")
     metadata = pd.DataFrame(columns, index=table.index)
-    return metadata, metadata[list(METADATA_COLUMNS[:3])].notna().all(axis=1)
+    return metadata, metadata[list(SIZE_COLUMNS)].notna().all(axis=1)
 
 
 def resolve_paths(paths: pd.Series, table_path: str | Path, root: str | None) -> list[Path]:

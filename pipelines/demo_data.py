@@ -186,8 +186,12 @@ def _atomic(target: Path, write) -> None:
     os.replace(tmp, target)
 
 
+# Small files, quick to write; no B-frames.
+DEMO_X264_OPTIONS = {"crf": "20", "preset": "veryfast", "x264-params": "threads=1:lookahead-threads=1:bframes=0"}
+
+
 def _write_mp4(path: Path, item: DemoItem) -> None:
-    path.write_bytes(encode_mp4(render_frames(item), item.fps, crf=20))
+    path.write_bytes(encode_mp4(render_frames(item), item.fps, DEMO_X264_OPTIONS))
 
 
 def _write_image(path: Path, frame: np.ndarray, name: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import av
@@ -89,16 +89,21 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     return (video.clamp(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()  # (3, F, height, width)
 
 
-def encode_mp4(frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> bytes:
-    """(H, W, 3) uint8 frames -> the bytes of an H.264 mp4; the same frames give the same bytes."""
+# x264 settings of our videos: one encoder thread, and no macroblock-tree rate control (with
+# it, x264 gave different bytes for the same frames from one call to the next, seen on noisy
+# frames in threads). The same frames give the same bytes.
+X264_OPTIONS = {"crf": "18", "x264-params": "threads=1:mbtree=0"}
+
+
+def encode_mp4(frames: Iterable[np.ndarray], fps: int, options: Mapping[str, str] = X264_OPTIONS) -> bytes:
+    """(H, W, 3) uint8 frames -> the bytes of an H.264 mp4 (yuv420p); `options` go to libx264."""
     frames = iter(frames)
-    first = next(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("an mp4 needs at least one frame")
     buffer = io.BytesIO()
-    # One encoder thread, and no macroblock-tree rate control: with it, x264 gave different
-    # bytes for the same frames from one call to the next (seen on noisy frames, in threads).
-    options = {"crf": str(crf), "x264-params": "threads=1:mbtree=0"}
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream = container.add_stream("libx264", rate=fps, options=dict(options))
         stream.height, stream.width, stream.pix_fmt = first.shape[0], first.shape[1], "yuv420p"
         for frame in itertools.chain([first], frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -108,8 +113,8 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> bytes:
     return buffer.getvalue()
 
 
-def write_mp4(frames: Iterable[np.ndarray], path: Path, fps: int, crf: int = 18) -> None:
+def write_mp4(frames: Iterable[np.ndarray], path: Path, fps: int) -> None:
     """Write an mp4 under a temporary name and rename it: no partial file is ever visible."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_mp4(frames, fps, crf))
+    tmp.write_bytes(encode_mp4(frames, fps))
     tmp.replace(path)

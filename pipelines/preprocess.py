@@ -101,7 +101,8 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
             rejects.set(row, PROBE_STAGE, "probe failed", repr(error))
             continue
         frames[row], heights[row], widths[row], fps[row] = found.num_frames, found.height, found.width, found.fps
-    return rejects.into(batch, src_num_frames=frames, src_height=heights, src_width=widths, src_fps=fps)
+    columns = {SRC_NUM_FRAMES: frames, SRC_HEIGHT: heights, SRC_WIDTH: widths, SRC_FPS: fps}
+    return rejects.into(batch, **columns)
 
 
 class DecodeFrames:
@@ -310,7 +311,7 @@ def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None =
     plan = probed[probed[SHARD].notna()]
     done = {shard for shard in plan[SHARD].unique() if store.exists(f"{cache.BUCKETS_DIR}/{shard}.arrow")}
     pending = plan[~plan[SHARD].isin(done)]
-    _log(f"{len(plan)} rows to encode in {plan['shard'].nunique()} shards; {len(done)} shards already done")
+    _log(f"{len(plan)} rows to encode in {plan[SHARD].nunique()} shards; {len(done)} shards already done")
     timing: dict[str, float] = {}
     if len(pending):
         timing = _encode(pending, store, config, address)
@@ -327,7 +328,7 @@ def _input_digest(table: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def _connect(address: str | None) -> float:
+def _connect_and_count_gpus(address: str | None) -> float:
     """Join the cluster (or start a local one); returns its GPU count."""
     import ray
 
@@ -360,7 +361,7 @@ def _load_or_probe(
     frame[SRC_FPS] = frame[SRC_FPS].fillna(0.0)
     to_probe = frame[~known & frame[REJECT_STAGE].isna()]
     if len(to_probe):
-        _connect(address)
+        _connect_and_count_gpus(address)
         import ray
 
         res = config.preprocess.probe
@@ -431,7 +432,7 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
 def _encode(pending: pd.DataFrame, store: cache.Store, config: TrainConfig, address: str | None) -> dict[str, float]:
     import ray
 
-    cluster_gpus = _connect(address)
+    cluster_gpus = _connect_and_count_gpus(address)
     _check_resources(config, ray.cluster_resources())
     rows = pending.copy()
     rows[FILE] = [str(p) for p in resolve_paths(rows[cache.PATH], Path(config.data_path), config.root)]

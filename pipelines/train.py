@@ -13,7 +13,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import cache
+from pipelines.cache import Cache, check_cache_matches
 from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment
 from pipelines.cluster import connect
 from pipelines.config import ConfigError, TrainConfig, format_config
@@ -44,8 +44,8 @@ class TrainPlan:
         return "\n".join(lines) + "\n"
 
 
-def make_plan(finished: cache.Cache, config: TrainConfig, workers: int) -> TrainPlan:
-    data = CacheBatches(finished)
+def make_plan(cache: Cache, config: TrainConfig, workers: int) -> TrainPlan:
+    data = CacheBatches(cache)
     rows, sizes = data.bucket_rows(), data.batch_sizes(config.buckets)
     steps = plan_epoch(rows, sizes, config.seed, 0, workers).steps
     return TrainPlan(sizes, rows, workers, steps)
@@ -67,9 +67,9 @@ def train(
 
     if config.plugin != "zero2":
         raise ConfigError(f"plugin {config.plugin!r} (sequence parallelism) is not implemented yet; use 'zero2'")
-    finished = cache.Cache(cache_dir)
-    cache.check_cache_matches(finished.store, config)
-    plan = make_plan(finished, config, num_workers)
+    cache = Cache(cache_dir)
+    check_cache_matches(cache.store, config)
+    plan = make_plan(cache, config, num_workers)
     print(plan.format(), end="", flush=True)
     if plan.steps_per_epoch == 0:
         raise ConfigError("no bucket yields a full batch for every worker: lower batch sizes or num_workers")

@@ -22,14 +22,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from pipelines.cache import Cache
 from pipelines.checkpoint import TrainState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipelines.config import TrainConfig, format_config
+from pipelines.config import ConfigError, TrainConfig, format_config
 from pipelines.models import load_model, size_inputs
 from pipelines.train_data import CacheBatches, plan_epoch, seed_of
 
@@ -57,7 +57,8 @@ class WorkerHooks(Protocol):
         ...
 
     def saved(self, global_step: int, scratch: Path) -> None:
-        """A checkpoint was written; `scratch` holds this rank's files until the call returns."""
+        """The checkpoint of `global_step` was written; `scratch` holds this rank's files until
+        the call returns."""
         ...
 
 
@@ -116,8 +117,17 @@ def build_engine(model: torch.nn.Module, config: TrainConfig):
     return engine
 
 
-def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: str, key: tuple) -> dict:
-    """One optimizer step on one micro-batch; `key` (seed, epoch, step, rank) seeds its randomness.
+class StepKey(NamedTuple):
+    """What seeds a step's randomness: the run's seed, the data position and the rank."""
+
+    seed: int
+    epoch: int
+    step: int
+    rank: int
+
+
+def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: str, key: StepKey) -> dict:
+    """One optimizer step on one micro-batch; `key` seeds its timesteps, noise and caption dropout.
 
     Returns the loss (a detached tensor: reading it syncs the device, so only when logged)
     and the gradient norm before clipping.
@@ -208,8 +218,9 @@ def _batches(data: CacheBatches, config: TrainConfig, state: TrainState, rank: i
 
     Each epoch's plan is made when the previous epoch ends, from the state the loop advanced.
     """
+    rows, sizes = data.bucket_rows(), data.batch_sizes(config.buckets)
     while True:
-        plan = plan_epoch(data.bucket_rows(), data.batch_sizes(config.buckets), config.seed, state.epoch, world)
+        plan = plan_epoch(rows, sizes, config.seed, state.epoch, world)
         started = time.perf_counter()
         for _, batch in data.iterate(plan, rank, config.seed, state.epoch, state.step):
             yield time.perf_counter() - started, batch
@@ -246,6 +257,11 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
     with hooks.resumed() as found:
         if found := found or job.resume or latest_checkpoint(job.experiment):
             state = load_checkpoint(Path(found), engine, ema)
+    if state.step >= job.steps_per_epoch:  # an epoch's length depends on the number of workers
+        raise ConfigError(
+            f"the checkpoint stands at step {state.step} of epoch {state.epoch}, but with {world} worker(s) an "
+            f"epoch has {job.steps_per_epoch} steps: resume with the number of workers it was written with"
+        )
     log = TrainLog(config, job.experiment, job.total_steps, world) if rank == 0 else None
     if rank == 0:
         _write_worker_info(job.experiment, world, engine.device)
@@ -254,7 +270,7 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
         wait, batch = next(batches)
         started = time.perf_counter()
         batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
-        key = (config.seed, state.epoch, state.step, rank)  # the data position, before the step advances it
+        key = StepKey(config.seed, state.epoch, state.step, rank)  # the data position before this step
         metrics = train_step(engine, diffusion, batch, config.model.type, key)
         if ema is not None:
             update_ema(ema, engine.module, config.ema_decay)
@@ -263,8 +279,7 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
             log.record(state, metrics, batch["x"].shape[0], wait, time.perf_counter() - started)
         if state.global_step % config.ckpt_every == 0 or state.global_step == job.total_steps:
             folder = checkpoint_dir(job.experiment, state.global_step)
-            save_checkpoint(folder, engine, ema, state, format_config(config), rank,
-                            on_saved=lambda scratch: hooks.saved(state.global_step, scratch))  # fmt: skip
+            save_checkpoint(folder, engine, ema, state, format_config(config), rank, on_saved=hooks.saved)
     if log is not None:
         log.close()
 
@@ -273,14 +288,19 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
 def single_process_group() -> Iterator[None]:
     """A torch.distributed group of this process alone, for DeepSpeed outside a cluster."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    for name in ("RANK", "LOCAL_RANK"):  # what DeepSpeed reads of a launcher's environment
-        os.environ.setdefault(name, "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}  # what DeepSpeed reads of a launcher
+    saved = {name: os.environ.get(name) for name in launcher}
+    os.environ.update(launcher)
     torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
         torch.distributed.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def train_one_process(job: TrainJob) -> None:

@@ -108,8 +108,8 @@ class DiT(VideoDiTMixin, nn.Module):
         """x (B, C, T, H, W), timestep (B,), y (B, L, caption_channels), y_mask (B, L) -> (B, 2C, T, H, W)."""
         if x_mask is not None:  # (B, T)
             raise ValueError("DiT-XL/2 has no frame conditioning (x_mask); use an STDiT model")
-        t, h, w = self.patch_grid(x)  # patches along T, H and W
-        tokens = rearrange(self.x_embedder(x), "b (t s) d -> b t s d", t=t)  # (B, T, S, D)
+        frames, rows, cols = self.patch_grid(x)  # the patch grid: along T, H and W
+        tokens = rearrange(self.x_embedder(x), "b (t s) d -> b t s d", t=frames)  # (B, T, S, D)
         tokens = tokens + self.pos_embed_spatial[:, None]  # (B, T, S, D)
         if not self.no_temporal_pos_emb:  # (1, T, D)
             tokens = tokens + self.pos_embed_temporal[:, :, None]  # (B, T, S, D)
@@ -125,5 +125,5 @@ class DiT(VideoDiTMixin, nn.Module):
         for block in self.blocks:  # (B, N, D) -> (B, N, D)
             tokens = block(tokens, c)  # (B, N, D)
         tokens = self.final_layer(tokens, c)  # (B, N, patch volume * 2C)
-        latent = self.unpatchify(tokens, t, h, w)  # (B, 2C, T, H, W) padded to patch multiples
+        latent = self.unpatchify(tokens, frames, rows, cols)  # (B, 2C, T, H, W) padded to patch multiples
         return latent[:, :, : x.shape[2], : x.shape[3], : x.shape[4]].float()  # (B, 2C, T, H, W)

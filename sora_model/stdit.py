@@ -258,18 +258,18 @@ class STDiT(VideoDiTMixin, nn.Module):
     def forward(self, x, timestep, y, y_mask=None, x_mask=None) -> torch.Tensor:
         """x (B, C, T, H, W), timestep (B,), y (B, L, caption_channels), y_mask (B, L), x_mask (B, T)
         -> (B, 2C, T, H, W)."""
-        t, h, w = self.patch_grid(x)  # patches along T, H and W
+        frames, rows, cols = self.patch_grid(x)  # the patch grid: along T, H and W
         # The buffers hold the tables of the trained grid; another grid gets its own, computed here.
-        trained_hw, trained_t = (h, w) == self.grid[1:], t == self.grid[0]  # bool, bool
-        pos_embed = self.pos_embed if trained_hw else self._spatial_pos_embed(h, w).to(x.device)  # (1, S, D)
-        temporal_pos_embed = self.pos_embed_temporal if trained_t else self._temporal_pos_embed(t)  # (1, t, D)
+        trained_hw, trained_t = (rows, cols) == self.grid[1:], frames == self.grid[0]  # bool, bool
+        pos_embed = self.pos_embed if trained_hw else self._spatial_pos_embed(rows, cols).to(x.device)  # (1, S, D)
+        temporal_pos_embed = self.pos_embed_temporal if trained_t else self._temporal_pos_embed(frames)  # (1, t, D)
         tokens = self.x_embedder(x)  # (B, N, D)
-        tokens = rearrange(tokens, "b (t s) d -> b t s d", t=t)  # (B, t, S, D)
+        tokens = rearrange(tokens, "b (t s) d -> b t s d", t=frames)  # (B, t, S, D)
         tokens = tokens + pos_embed.to(tokens.dtype)  # (B, t, S, D)
         tokens = rearrange(tokens, "b t s d -> b (t s) d")  # (B, N, D)
         t_emb = self.t_embedder(timestep)  # (B, D)
         t_modulation = self.t_block(t_emb)  # (B, 6D)
-        t0_emb = t0_modulation = None
+        t0_emb = t0_modulation = None  # (B, D), (B, 6D) with condition frames
         if x_mask is not None:  # (B, T): condition frames get the timestep-0 modulation
             t0_emb = self.t_embedder(torch.zeros_like(timestep))  # (B, D)
             t0_modulation = self.t_block(t0_emb)  # (B, 6D)
@@ -277,11 +277,11 @@ class STDiT(VideoDiTMixin, nn.Module):
         y_mask = caption_mask(y_mask, x.shape[0])  # (B, L) bool, or None
         for index, block in enumerate(self.blocks):  # (B, N, D) -> (B, N, D)
             # The temporal position embedding enters the first block's temporal attention only.
-            first = index == 0 and not self.no_temporal_pos_emb
+            first = index == 0 and not self.no_temporal_pos_emb  # bool
             block_pos_embed = temporal_pos_embed.to(tokens) if first else None  # (1, t, D)
-            tokens = block(tokens, y, y_mask, t_modulation, t, block_pos_embed, x_mask, t0_modulation)  # (B, N, D)
-        tokens = self.final_layer(tokens, t_emb, x_mask, t0_emb, t)  # (B, N, patch volume * 2C)
-        latent = self.unpatchify(tokens, t, h, w)  # (B, 2C, T, H, W) padded to patch multiples
+            tokens = block(tokens, y, y_mask, t_modulation, frames, block_pos_embed, x_mask, t0_modulation)  # (B, N, D)
+        tokens = self.final_layer(tokens, t_emb, x_mask, t0_emb, frames)  # (B, N, patch volume * 2C)
+        latent = self.unpatchify(tokens, frames, rows, cols)  # (B, 2C, T, H, W) padded to patch multiples
         return latent[:, :, : x.shape[2], : x.shape[3], : x.shape[4]].float()  # (B, 2C, T, H, W)
 
 
@@ -333,19 +333,19 @@ class STDiT2(VideoDiTMixin, nn.Module):
         hw_info = self.csize_embedder(torch.stack([height, width], dim=1))  # (B, 2D/3)
         size_info = torch.cat([hw_info, self.ar_embedder(ar[:, None])], dim=1)  # (B, D)
         frame_info = self.fl_embedder(num_frames[:, None].float()) + self.fps_embedder(fps[:, None].float())  # (B, D)
-        t, h, w = self.patch_grid(x)  # patches along T, H and W
+        frames, rows, cols = self.patch_grid(x)  # the patch grid: along T, H and W
         # The 2D position embedding is stretched to the trained square size (input_sq_size).
         scale = float(torch.sqrt(height[0] * width[0])) / self.input_sq_size  # the batch's size / trained size
-        base_size = round(math.sqrt(h * w))  # the side of a square grid of as many patches
-        pos_embed = sincos_embedding(self.size.hidden_size, (h, w), scale=scale, base_size=base_size)  # (S, D)
+        base_size = round(math.sqrt(rows * cols))  # the side of a square grid of as many patches
+        pos_embed = sincos_embedding(self.size.hidden_size, (rows, cols), scale=scale, base_size=base_size)  # (S, D)
         tokens = self.x_embedder(x)  # (B, N, D)
-        tokens = rearrange(tokens, "b (t s) d -> b t s d", t=t)  # (B, t, S, D)
+        tokens = rearrange(tokens, "b (t s) d -> b t s d", t=frames)  # (B, t, S, D)
         tokens = tokens + pos_embed.to(tokens)  # (B, t, S, D)
         tokens = rearrange(tokens, "b t s d -> b (t s) d")  # (B, N, D)
         t_emb = self.t_embedder(timestep)  # (B, D)
         t_modulation = self.t_block(t_emb + size_info)  # (B, 6D)
         t_temporal = self.t_block_temp(t_emb + frame_info)  # (B, 3D)
-        t0_spatial = t0_modulation = t0_temporal = None
+        t0_spatial = t0_modulation = t0_temporal = None  # (B, D), (B, 6D), (B, 3D) with condition frames
         if x_mask is not None:  # (B, T): condition frames get the timestep-0 modulation
             t0_emb = self.t_embedder(torch.zeros_like(timestep))  # (B, D)
             t0_spatial = t0_emb + size_info  # (B, D)
@@ -355,11 +355,11 @@ class STDiT2(VideoDiTMixin, nn.Module):
         y_mask = caption_mask(y_mask, x.shape[0])  # (B, L) bool, or None
         for block in self.blocks:  # (B, N, D) -> (B, N, D)
             tokens = block(  # (B, N, D)
-                tokens, y, y_mask, t_modulation, t_temporal, t, self.rope, x_mask, t0_modulation, t0_temporal
+                tokens, y, y_mask, t_modulation, t_temporal, frames, self.rope, x_mask, t0_modulation, t0_temporal
             )
         # Open-Sora 1.1's final layer: plain t for generated frames, t0 + size info for condition frames.
-        tokens = self.final_layer(tokens, t_emb, x_mask, t0_spatial, t)  # (B, N, patch volume * 2C)
-        latent = self.unpatchify(tokens, t, h, w)  # (B, 2C, T, H, W) padded to patch multiples
+        tokens = self.final_layer(tokens, t_emb, x_mask, t0_spatial, frames)  # (B, N, patch volume * 2C)
+        latent = self.unpatchify(tokens, frames, rows, cols)  # (B, 2C, T, H, W) padded to patch multiples
         return latent[:, :, : x.shape[2], : x.shape[3], : x.shape[4]].float()  # (B, 2C, T, H, W)
 
 

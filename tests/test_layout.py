@@ -168,3 +168,16 @@ def test_pipeline_functions_are_short_or_say_why():
 
 def test_the_training_step_needs_no_ray():
     assert "ray" not in {name.split(".")[0] for name in imports_of(ROOT / "pipelines" / "trainer.py")}
+
+
+JOBS = {"preprocess", "train", "sample", "serve", "bucket_report"}  # one per command; see pipelines/__init__.py
+JOB_IMPORTS_ALLOWED = {("serve", "sample")}  # serving runs the sampler
+
+
+def test_job_modules_import_shared_modules_not_each_other():
+    modules = project_modules()
+    for job in sorted(JOBS):
+        for name in project_imports(modules[f"pipelines.{job}"], modules):
+            other = name.removeprefix("pipelines.")
+            if other in JOBS and other != job:
+                assert (job, other) in JOB_IMPORTS_ALLOWED, f"pipelines/{job}.py imports {name}: move what both need"

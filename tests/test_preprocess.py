@@ -13,41 +13,62 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import cache as C
+from pipelines.cache import (
+    BUCKETS_DIR,
+    DETAIL,
+    HEIGHT,
+    ID,
+    MANIFEST,
+    NUM_TOKENS,
+    PATH,
+    PROBE,
+    REASON,
+    REJECTS,
+    ROW,
+    SRC_HEIGHT,
+    SRC_NUM_FRAMES,
+    SRC_WIDTH,
+    STAGE,
+    TEXT,
+    WIDTH,
+    WORK_DIR,
+    Cache,
+    Store,
+)
 from pipelines.media import frame_indices
 from pipelines.preprocess import DecodeFrames, probe_batch
 from tests.conftest import DEMO_NUM, SORA, run_sora, write_config
 
 
 def test_manifest_accounts_for_every_row(clean_cache):
-    manifest = json.loads((clean_cache[0] / C.MANIFEST).read_text())
+    manifest = json.loads((clean_cache[0] / MANIFEST).read_text())
     assert manifest["rows_in"] == manifest["kept"] + manifest["rejected"] + manifest["dropped"] == DEMO_NUM + 3
     assert sum(manifest["buckets"].values()) == manifest["kept"] == DEMO_NUM
-    assert not (clean_cache[0] / C.WORK_DIR).exists()
-    assert C.Cache(clean_cache[0]).probe_table().num_rows == DEMO_NUM + 3
+    assert not (clean_cache[0] / WORK_DIR).exists()
+    assert Cache(clean_cache[0]).probe_table().num_rows == DEMO_NUM + 3
 
 
 def test_broken_files_are_rejected_with_their_reason(clean_cache):
-    rejects = C.Cache(clean_cache[0]).rejects().to_pandas().set_index(C.PATH)
-    assert rejects.loc["broken_missing.mp4", C.REASON] == "file not found"
-    assert rejects.loc["broken_truncated.mp4", C.REASON] == "not a readable video"
-    assert rejects.loc["broken_not_a_video.mp4", C.REASON] == "not a readable video"
-    assert set(rejects[C.STAGE]) == {"probe"}
+    rejects = Cache(clean_cache[0]).rejects().to_pandas().set_index(PATH)
+    assert rejects.loc["broken_missing.mp4", REASON] == "file not found"
+    assert rejects.loc["broken_truncated.mp4", REASON] == "not a readable video"
+    assert rejects.loc["broken_not_a_video.mp4", REASON] == "not a readable video"
+    assert set(rejects[STAGE]) == {"probe"}
 
 
 def test_shards_decode_to_the_bucket_shapes(clean_cache, debug_models):
     from sora_model.text_encoder import T5Encoder
 
     tokenizer = T5Encoder.from_pretrained(str(debug_models["text_encoder"]), 32).tokenizer
-    cache = C.Cache(clean_cache[0])
+    cache = Cache(clean_cache[0])
     seen = 0
     for bucket in cache.buckets():
         _resolution, frames, _ = bucket.split("-")
         t = int(frames.removesuffix("f"))
         for sample in cache.iter_samples(bucket):
-            columns = cache.table(bucket).select([C.ID, C.HEIGHT, C.WIDTH, C.NUM_TOKENS]).to_pylist()
-            row = next(row for row in columns if row[C.ID] == sample.id)
-            height, width = row[C.HEIGHT], row[C.WIDTH]
+            columns = cache.table(bucket).select([ID, HEIGHT, WIDTH, NUM_TOKENS]).to_pylist()
+            row = next(row for row in columns if row[ID] == sample.id)
+            height, width = row[HEIGHT], row[WIDTH]
             channels, stored, h, w = sample.latent_mean.shape
             assert (channels, h, w) == (4, height // 8, width // 8), bucket
             assert t <= stored <= 2 * t, (bucket, stored)  # up to cache_frames_factor x T
@@ -55,7 +76,7 @@ def test_shards_decode_to_the_bucket_shapes(clean_cache, debug_models):
             assert np.isfinite(sample.latent_mean.numpy()).all()
             # Real tokens only: as many rows as the caption has tokens (with </s>).
             assert sample.text_embedding.shape == (len(tokenizer(sample.text).input_ids), 64)
-            assert row[C.NUM_TOKENS] == sample.text_embedding.shape[0]
+            assert row[NUM_TOKENS] == sample.text_embedding.shape[0]
             seen += 1
     assert seen == DEMO_NUM
 
@@ -99,30 +120,30 @@ def test_killed_run_resumes_to_the_same_cache(clean_cache, demo_csv, tmp_path):
             args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + 300
-        while not list((cache / C.BUCKETS_DIR).glob("*/part-*.arrow")) and time.monotonic() < deadline:
+        while not list((cache / BUCKETS_DIR).glob("*/part-*.arrow")) and time.monotonic() < deadline:
             assert process.poll() is None, "the run ended before any shard was written"
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGKILL)  # kill -9 the driver (and its local Ray)
         process.wait()
-        if not (cache / C.MANIFEST).exists():
+        if not (cache / MANIFEST).exists():
             break
         # Shards can arrive in one burst at the end of so small a run; then the kill came
         # after the last one and there is nothing to resume: start again.
         shutil.rmtree(cache)
-    assert not (cache / C.MANIFEST).exists(), "killed too late to test a resume, three times"
+    assert not (cache / MANIFEST).exists(), "killed too late to test a resume, three times"
 
     result = run_sora(*args[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shards already done" in result.stderr
-    ours_store, clean_store = C.Store(cache), C.Store(clean)
-    for name in (C.PROBE, C.REJECTS):
+    ours_store, clean_store = Store(cache), Store(clean)
+    for name in (PROBE, REJECTS):
         assert ours_store.read_table(name).equals(clean_store.read_table(name)), name
-    ours = sorted(p.relative_to(cache) for p in (cache / C.BUCKETS_DIR).rglob("part-*.arrow"))
-    theirs = sorted(p.relative_to(clean) for p in (clean / C.BUCKETS_DIR).rglob("part-*.arrow"))
+    ours = sorted(p.relative_to(cache) for p in (cache / BUCKETS_DIR).rglob("part-*.arrow"))
+    theirs = sorted(p.relative_to(clean) for p in (clean / BUCKETS_DIR).rglob("part-*.arrow"))
     assert ours == theirs
     for shard in ours:
         assert ours_store.read_table(str(shard)).equals(clean_store.read_table(str(shard))), shard
-    assert json.loads((cache / C.MANIFEST).read_text()) == json.loads((clean / C.MANIFEST).read_text())
+    assert json.loads((cache / MANIFEST).read_text()) == json.loads((clean / MANIFEST).read_text())
 
 
 def test_missing_column_fails_before_any_work(tmp_path, debug_models):
@@ -201,8 +222,8 @@ def test_validate_stage_rejects_rows_that_cannot_be_used(tmp_path):
         b"path,text\nok.mp4,a red circle\nempty.mp4,\n,no path\nbad.mp4,caf\xe9 au lait\nok.mp4,a red circle\n"
     )
     table = read_table(table_path)  # the bad bytes do not stop the file from being read
-    frame = pd.DataFrame({C.PATH: table["path"], C.TEXT: table["text"]})
-    frame[C.ID] = [sample_id(p, t) for p, t in zip(frame[C.PATH], frame[C.TEXT], strict=True)]
+    frame = pd.DataFrame({PATH: table["path"], TEXT: table["text"]})
+    frame[ID] = [sample_id(p, t) for p, t in zip(frame[PATH], frame[TEXT], strict=True)]
     for column in REJECT_COLUMNS:
         frame[column] = None
     _validate(frame)
@@ -234,14 +255,14 @@ def test_cache_at_a_uri(demo_csv, debug_models, tmp_path):
     table.write_text("\n".join(rows) + "\n")
     result = run_sora("preprocess", str(table), "--config", str(config), "--cache-dir", uri)
     assert result.returncode == 0, result.stderr[-3000:]
-    cache = C.Cache(uri)
+    cache = Cache(uri)
     assert sum(cache.manifest["buckets"].values()) == DEMO_NUM
-    validate = [r for r in cache.rejects().to_pylist() if r[C.STAGE] == "validate"]
-    assert [(r[C.ROW], r[C.REASON]) for r in validate] == [
+    validate = [r for r in cache.rejects().to_pylist() if r[STAGE] == "validate"]
+    assert [(r[ROW], r[REASON]) for r in validate] == [
         (DEMO_NUM + 3, "duplicate row (same path and caption)"),
         (DEMO_NUM + 4, "empty caption"),
     ]
-    decode = {r[C.ROW]: r[C.DETAIL] for r in cache.rejects().to_pylist() if r[C.STAGE] == "decode"}
+    decode = {r[ROW]: r[DETAIL] for r in cache.rejects().to_pylist() if r[STAGE] == "decode"}
     assert sorted(decode) == [DEMO_NUM + 5, DEMO_NUM + 6]
     assert "the table says 256x256" in decode[DEMO_NUM + 6]
     assert sum(1 for bucket in cache.buckets() for _ in cache.iter_samples(bucket)) == DEMO_NUM
@@ -260,11 +281,11 @@ def test_a_folder_that_is_not_a_cache_is_left_alone(demo_csv, debug_models, tmp_
 
 
 def test_rejects_name_the_input_row(clean_cache, demo_csv):
-    rejects = C.Cache(clean_cache[0]).rejects().to_pylist()
+    rejects = Cache(clean_cache[0]).rejects().to_pylist()
     lines = demo_csv.read_text().splitlines()[1:]
-    assert [r[C.ROW] for r in rejects] == sorted(r[C.ROW] for r in rejects)
+    assert [r[ROW] for r in rejects] == sorted(r[ROW] for r in rejects)
     for reject in rejects:
-        assert lines[reject[C.ROW]].startswith(reject[C.PATH] + ",")
+        assert lines[reject[ROW]].startswith(reject[PATH] + ",")
 
 
 def test_a_filtered_parquet_table_keeps_its_rows_in_place(tmp_path):
@@ -308,9 +329,28 @@ def test_bucket_report_and_preprocess_read_metadata_alike(tmp_path, debug_models
     config = load_config(write_config(tmp_path, debug_models), "train", {"data_path": str(table_path)})
     report = report_from_table(table_path, config, progress=False)
     from_report = {row.bucket.name: row.samples for row in report.buckets}
-    probed = _load_or_probe(C.Store(tmp_path / "cache"), read_table(table_path), table_path, config, None)
-    assert probed[C.SRC_NUM_FRAMES].tolist() == [17, 9, 9]
-    assert probed[[C.SRC_HEIGHT, C.SRC_WIDTH]].to_numpy().tolist() == [[144, 256]] * 3
+    probed = _load_or_probe(Store(tmp_path / "cache"), read_table(table_path), table_path, config, None)
+    assert probed[SRC_NUM_FRAMES].tolist() == [17, 9, 9]
+    assert probed[[SRC_HEIGHT, SRC_WIDTH]].to_numpy().tolist() == [[144, 256]] * 3
     assert probed["bucket"].value_counts().to_dict() == from_report
     assert sorted(from_report) == ["144p-16f-0.56", "144p-8f-0.56"]
     assert from_report["144p-8f-0.56"] == 2
+
+
+def test_metadata_junk_is_missing_and_probed(tmp_path):
+    from pipelines.dataset import read_metadata
+
+    table = pd.DataFrame(
+        {
+            "path": ["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4"],
+            "text": ["a"] * 5,
+            "num_frames": ["16.6", "inf", "1e400", "junk", ""],
+            "height": [143.5, 144, 144, 144, 144],
+            "width": ["256", "256", "256", "256", "256"],
+        }
+    )
+    metadata, known = read_metadata(table)
+    assert metadata["num_frames"].tolist()[0] == 17 and metadata["num_frames"].isna().tolist()[1:] == [True] * 4
+    assert metadata["height"].tolist() == [144] * 5  # 143.5 rounds half to even: 144
+    assert known.tolist() == [True, False, False, False, False]
+    assert metadata["fps"].isna().all()  # no fps column: missing, not zero

@@ -19,11 +19,11 @@ def losses(experiment: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def schedule(clean_cache) -> tuple[int, int]:
     """(steps per epoch, epochs) giving TOTAL steps on the session's demo cache with 2 workers."""
-    from pipelines import cache as C
+    from pipelines.cache import Cache
     from pipelines.config import load_config
     from pipelines.train import make_plan
 
-    steps = make_plan(C.Cache(clean_cache[0]), load_config(clean_cache[1], "train"), 2).steps_per_epoch
+    steps = make_plan(Cache(clean_cache[0]), load_config(clean_cache[1], "train"), 2).steps_per_epoch
     assert TOTAL % steps == 0
     return steps, TOTAL // steps
 

@@ -1,4 +1,14 @@
-"""Diffusion for STDiT: IDDPM (training and ancestral sampling) and classifier-free guidance."""
+"""Diffusion for STDiT: IDDPM (training and ancestral sampling) and classifier-free guidance.
+
+    gaussian.py     GaussianDiffusion: Open-Sora's linear schedule, learned-range variance,
+                    the epsilon + VB training loss, respacing, frame masks, ancestral sampling
+    dpm_solver.py   DPMSolver: DPM-Solver++(2M) sampling on the same schedule
+    __init__.py     IDDPM and DPMSolverSampler (the config's scheduler types), guidance on
+                    `cfg_channel` channels, and `build_scheduler` picking one by name
+
+Imports torch, numpy and tqdm (progress); dpm_solver.py takes the schedule and the model
+signature from gaussian.py.
+"""
 
 from __future__ import annotations
 
