@@ -62,6 +62,8 @@ demo: setup
 	  --loop 3 --condition-frame-length 2 --batch-size 2 \
 	  --reference-path $(DEMO_DIR)/data/image_017.png --mask-strategy "0,0,0,1,0" \
 	  --reference-path "$(DEMO_DIR)/data/clip_002.mp4;$(DEMO_DIR)/data/image_017.png" --mask-strategy "0,0,0,4,0;1,2,0,1,-1,0.5"
+	@# Judge the samples from their pixels: background colour, shape colour, shape, direction.
+	$(BIN)/sora demo-eval $(DEMO_DIR)/samples
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
 	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
@@ -71,6 +73,7 @@ demo: setup
 	@echo "trained model:    $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) (losses.jsonl, tensorboard/ beside it)"
 	@echo "sampled videos:   $$(ls $(DEMO_DIR)/samples/*.mp4 | tr '\n' ' ')"
 	@echo "long videos:      $$(ls $(DEMO_DIR)/samples-long/*.mp4 | tr '\n' ' ')(20 frames: 3 clips, conditioned on demo files)"
+	@echo "judged:           above; frames and verdicts in $(DEMO_DIR)/samples/contact_sheet.png"
 	@echo
 	@echo "serve it over HTTP:  $(BIN)/serve run configs/serve.yaml   (then see README, Serving)"
 

@@ -57,6 +57,33 @@ def demo_data(
     typer.echo(f"wrote {csv_path}")
 
 
+@app.command("demo-eval")
+def demo_eval(
+    samples_dir: Annotated[
+        Path, typer.Argument(metavar="SAMPLES_DIR", help="Folder of sampled videos (the --save-dir of `sora sample`).")
+    ],
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="CSV of path,text rows to judge; relative paths are against its folder "
+            "(default: SAMPLES_DIR/samples.csv).",
+        ),
+    ] = None,
+    sheet: Annotated[
+        Path | None,
+        typer.Option(
+            "--sheet",
+            help="Contact sheet PNG to write: frames, prompt and verdicts per sample "
+            "(default: SAMPLES_DIR/contact_sheet.png).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (every row, measured and captioned).")] = False,
+) -> None:
+    """Judge demo videos from their pixels: background colour, shape colour, shape and direction against the caption."""
+    typer.echo(_run(commands.demo_eval, samples_dir, prompts, sheet, as_json), nl=False)
+
+
 @app.command("debug-models")
 def debug_models(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write t5/ and vae/ into.")],

@@ -20,9 +20,10 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
     sample.py         `sora sample`: prompts and references checked, the Sampler, long video
     serve.py          the Ray Serve application (configs/serve.yaml)
     demo_data.py      `sora demo-data`: a small captioned dataset of moving shapes
+    demo_eval.py      `sora demo-eval`: judges demo videos against their captions from the pixels; contact sheet
 
 Imports point down: cli.py -> pipelines -> sora_model, bucketing. Inside pipelines,
-the job modules (preprocess, train, sample, serve, bucket_report) import the shared
+the job modules (preprocess, train, sample, serve, bucket_report, demo_eval) import the shared
 ones (config, cache, dataset, media, models, checkpoint, cluster) and never each
 other, except serve, which serves `sample`'s Sampler; trainer.py never imports ray.
 """

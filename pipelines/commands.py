@@ -68,6 +68,13 @@ def demo_data(out_dir: str | Path, num: int = 24, seed: int = 0) -> Path:
     return write_demo_data(out_dir, num=num, seed=seed)
 
 
+def demo_eval(samples_dir: str | Path, prompts: str | Path | None, sheet: str | Path | None, as_json: bool) -> str:
+    """Judge sampled demo videos against their captions; returns the report."""
+    from pipelines.demo_eval import demo_eval as run
+
+    return run(samples_dir, prompts, sheet, as_json)
+
+
 def debug_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write the tiny T5 and VAE; returns their folders by role."""
     from sora_model.debug import write_debug_models

@@ -189,6 +189,10 @@ class TrainConfig:
     cache_frames_factor: float = field(default=2.0, metadata=_at_least(1.0))
     ema_decay: float = field(default=0.9999, metadata=_between(0.0, 1.0))
     max_failures: int = field(default=1, metadata=_at_least(0))
+    # Held out of training, chosen by sample id (the same samples in every run and resume), and
+    # evaluated every `eval_every` steps (None: at each checkpoint) at fixed timesteps and noise.
+    eval_fraction: float = field(default=0.0, metadata=_between(0.0, 0.9))
+    eval_every: int | None = field(default=None, metadata=_at_least(1))
     preprocess: PreprocessConfig = PreprocessConfig()
     # Derived, not a key of the file: bucket_config (or the fixed size) parsed once, here.
     buckets: BucketConfig = field(init=False, repr=False, compare=False)

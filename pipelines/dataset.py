@@ -10,6 +10,7 @@ import pandas as pd
 from pipelines.config import ConfigError
 
 REQUIRED_COLUMNS = ("path", "text")
+SAMPLES_TABLE = "samples.csv"  # what `sora sample` writes beside its videos, in this table format
 # Open-Sora's data tools write these; when present they spare probing the files.
 SIZE_COLUMNS = ("num_frames", "height", "width")  # what bucketing needs of a row
 METADATA_COLUMNS = (*SIZE_COLUMNS, "fps")

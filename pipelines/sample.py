@@ -11,6 +11,7 @@ The same pieces serve HTTP requests (`pipelines/serve.py`):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import re
 import sys
@@ -23,6 +24,7 @@ import torch
 
 from pipelines.checkpoint import resolve_weights
 from pipelines.config import ConfigError, InferenceConfig
+from pipelines.dataset import SAMPLES_TABLE
 from pipelines.media import DecodeError, read_frames, resize_crop, write_mp4
 from pipelines.models import load_model, load_text_encoder, load_vae, size_inputs
 from pipelines.probe import ProbeError, probe
@@ -307,4 +309,18 @@ def sample(config: InferenceConfig) -> list[Path]:
             path = save_dir / video_name(start + offset, item.prompt)
             write_mp4(videos[offset], path, config.save_fps)
             written.append(path)
+    write_samples_table(save_dir, written, [item.prompt for item in items])
     return written
+
+
+def write_samples_table(save_dir: Path, videos: Sequence[Path], prompts: Sequence[str]) -> Path:
+    """`samples.csv` beside the videos: path,text as in an input table (paths relative to it), so
+    the samples can be judged (`sora demo-eval`) or read back like any dataset."""
+    table = save_dir / SAMPLES_TABLE
+    tmp = table.with_name(f".{table.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "text"])
+        writer.writerows((video.name, prompt) for video, prompt in zip(videos, prompts, strict=True))
+    tmp.replace(table)
+    return table

@@ -13,6 +13,8 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipelines.cache import Cache, check_cache_matches
 from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment
 from pipelines.cluster import connect
@@ -24,19 +26,22 @@ from pipelines.trainer import TrainJob, train_worker
 @dataclass(frozen=True)
 class TrainPlan:
     batch_sizes: dict[str, int]
-    bucket_rows: dict[str, int]
+    bucket_rows: dict[str, np.ndarray]  # table rows trained on, per bucket
     workers: int
     steps_per_epoch: int
+    held_out: int = 0  # samples kept for evaluation
 
     def format(self) -> str:
         lines = [f"training plan: {self.workers} worker(s), {self.steps_per_epoch} steps per epoch"]
+        if self.held_out:
+            lines.append(f"  {self.held_out} samples held out for the eval loss (eval_fraction), never trained on")
         plan = plan_epoch(self.bucket_rows, self.batch_sizes, 0, 0, 1)
         batches: dict[str, int] = {}
         for ref in plan.batches[0]:
             batches[ref.bucket] = batches.get(ref.bucket, 0) + 1
         for bucket in sorted(self.bucket_rows):
             count = batches.get(bucket, 0)
-            rows, size = self.bucket_rows[bucket], self.batch_sizes[bucket]
+            rows, size = len(self.bucket_rows[bucket]), self.batch_sizes[bucket]
             line = f"  {bucket:<22} {rows:>6} samples  batch {size:>3}  {count:>5} batches"
             if count == 0:
                 line += "   <- yields no full batch: these samples are never trained on"
@@ -45,10 +50,11 @@ class TrainPlan:
 
 
 def make_plan(cache: Cache, config: TrainConfig, workers: int) -> TrainPlan:
-    data = CacheBatches(cache)
-    rows, sizes = data.bucket_rows(), data.batch_sizes(config.buckets)
+    data = CacheBatches(cache, eval_fraction=config.eval_fraction)
+    rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
     steps = plan_epoch(rows, sizes, config.seed, 0, workers).steps
-    return TrainPlan(sizes, rows, workers, steps)
+    held_out = sum(data.bucket_rows().values()) - sum(len(r) for r in rows.values())
+    return TrainPlan(sizes, rows, workers, steps, held_out)
 
 
 def train(

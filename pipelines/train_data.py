@@ -9,6 +9,9 @@ at a step yields exactly the batches an uninterrupted run would have seen.
 Each sample then gets, from a generator seeded by (seed, epoch, step, worker), a random
 T-frame window of its stored latent frames (Open-Sora's random temporal crop) and a fresh
 sample of the VAE posterior, and, with `mask_ratios`, a frame mask (Open-Sora 1.1).
+
+With `eval_fraction`, a share of the samples, chosen by their id alone, is held out: never
+planned for training, read for evaluation with the centred window and the posterior mean.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from bucketing.assign import parse_bucket_name
 from bucketing.config import BucketConfig
-from pipelines.cache import FPS, HEIGHT, WIDTH, Cache, sample_from_row
+from pipelines.cache import FPS, HEIGHT, ID, WIDTH, Cache, sample_from_row
 from pipelines.config import ConfigError
 
 
@@ -31,6 +34,12 @@ def seed_of(*parts: object) -> int:
     """A 63-bit seed from any parts, the same in every process."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def held_out(sample_id: str, fraction: float) -> bool:
+    """Whether a sample is kept for evaluation: a function of its id only, the same in every run."""
+    digest = hashlib.blake2b(f"eval/{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,18 @@ class EpochPlan:
 
 
 def plan_epoch(
-    bucket_rows: Mapping[str, int], batch_sizes: Mapping[str, int], seed: int, epoch: int, workers: int
+    bucket_rows: Mapping[str, np.ndarray], batch_sizes: Mapping[str, int], seed: int, epoch: int, workers: int
 ) -> EpochPlan:
-    """Deal the full batches of every bucket to `workers`, in an order fixed by (seed, epoch)."""
+    """Deal the full batches of every bucket to `workers`, in an order fixed by (seed, epoch).
+
+    `bucket_rows` holds the table rows to train on, per bucket.
+    """
     batches: list[BatchRef] = []
     leftover = {}
     for bucket in sorted(bucket_rows):
         size = batch_sizes[bucket]
-        order = np.random.default_rng(seed_of(seed, epoch, bucket)).permutation(bucket_rows[bucket])
+        rows = np.asarray(bucket_rows[bucket])
+        order = rows[np.random.default_rng(seed_of(seed, epoch, bucket)).permutation(len(rows))]
         full = len(order) // size
         batches += [BatchRef(bucket, tuple(int(r) for r in order[i * size : (i + 1) * size])) for i in range(full)]
         leftover[bucket] = len(order) - full * size
@@ -100,10 +113,14 @@ def frame_mask(frames: int, ratios: Mapping[str, float], generator: torch.Genera
 class CacheBatches:
     """Reads planned batches from a finished cache as tensors ready for the model."""
 
-    def __init__(self, cache: Cache, mask_ratios: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, cache: Cache, mask_ratios: Mapping[str, float] | None = None, eval_fraction: float = 0.0
+    ) -> None:
         self.cache = cache
         self.mask_ratios = mask_ratios
+        self.eval_fraction = eval_fraction
         self._tables: dict[str, pa.Table] = {}
+        self._held_out: dict[str, np.ndarray] = {}  # bucket -> (rows,) bool
 
     def table(self, bucket: str) -> pa.Table:
         if bucket not in self._tables:
@@ -111,7 +128,31 @@ class CacheBatches:
         return self._tables[bucket]
 
     def bucket_rows(self) -> dict[str, int]:
+        """Samples per bucket, held-out ones included."""
         return {bucket: int(count) for bucket, count in self.cache.manifest["buckets"].items()}
+
+    def held_out(self, bucket: str) -> np.ndarray:
+        """(rows,) bool: which rows of the bucket's table are kept for evaluation."""
+        if bucket not in self._held_out:
+            if self.eval_fraction == 0:  # no need to read the table
+                self._held_out[bucket] = np.zeros(self.bucket_rows()[bucket], dtype=bool)
+            else:
+                ids = self.table(bucket).column(ID).to_pylist()
+                self._held_out[bucket] = np.array([held_out(i, self.eval_fraction) for i in ids], dtype=bool)
+        return self._held_out[bucket]
+
+    def train_rows(self) -> dict[str, np.ndarray]:
+        """The table rows to train on, per bucket."""
+        return {bucket: np.flatnonzero(~self.held_out(bucket)) for bucket in self.bucket_rows()}
+
+    def eval_batches(self, batch_sizes: Mapping[str, int]) -> list[BatchRef]:
+        """The held-out rows in batches of each bucket's size (the last one may be short)."""
+        batches = []
+        for bucket in sorted(self.bucket_rows()):
+            rows = np.flatnonzero(self.held_out(bucket)).tolist()
+            size = batch_sizes[bucket]
+            batches += [BatchRef(bucket, tuple(rows[i : i + size])) for i in range(0, len(rows), size)]
+        return batches
 
     def batch_sizes(self, buckets: BucketConfig) -> dict[str, int]:
         """The config's batch size of every bucket in the cache; a bucket it lacks is an error."""
@@ -123,21 +164,29 @@ class CacheBatches:
             sizes[bucket] = size
         return sizes
 
-    def load(self, batch: BatchRef, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """One micro-batch: latents (B, C, T, h, w), caption (B, L, D) + mask, conditioning, frame mask."""
+    def load(self, batch: BatchRef, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """One micro-batch: latents (B, C, T, h, w), caption (B, L, D) + mask, conditioning, frame mask.
+
+        Without a generator it is the evaluation view: the centred window, the posterior mean,
+        no frame mask.
+        """
         rows = self.table(batch.bucket).take(list(batch.rows)).to_pylist()
         frames = parse_bucket_name(batch.bucket)[1]
         latents, captions = [], []
         for row in rows:
             sample = sample_from_row(row, batch.bucket)
+            captions.append(sample.text_embedding.float())
             stored = sample.latent_mean.shape[1]
+            if generator is None:
+                centre = (stored - frames) // 2
+                latents.append(sample.latent_mean[:, centre : centre + frames].float())
+                continue
             start = int(torch.randint(0, stored - frames + 1, (), generator=generator))
             window = slice(start, start + frames)  # Open-Sora's random temporal crop
             mean = sample.latent_mean[:, window].float()
             std = torch.exp(0.5 * sample.latent_logvar[:, window].float())
             noise = torch.randn(mean.shape, generator=generator)
             latents.append(mean + std * noise)  # a fresh posterior sample, as Open-Sora's VAE draws
-            captions.append(sample.text_embedding.float())
         length = max(caption.shape[0] for caption in captions)
         text = torch.zeros(len(rows), length, captions[0].shape[1])
         text_mask = torch.zeros(len(rows), length, dtype=torch.bool)
@@ -156,7 +205,7 @@ class CacheBatches:
             "num_frames": torch.full((batch_size,), float(frames)),
             "fps": torch.tensor([float(row[FPS]) for row in rows]),
         }
-        if self.mask_ratios:
+        if self.mask_ratios and generator is not None:
             out["x_mask"] = torch.stack([frame_mask(frames, self.mask_ratios, generator) for _ in rows])
         return out
 

@@ -149,6 +149,36 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     return {"loss": loss.detach(), "grad_norm": engine.get_global_grad_norm()}
 
 
+EVAL_TIMESTEPS = 8  # fixed timesteps of the eval loss, spread evenly over the schedule
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, diffusion, data: CacheBatches, batches: list, model_type: str, device) -> float:
+    """The mean loss over the held-out batches at EVAL_TIMESTEPS fixed timesteps, with noise fixed
+    per batch and timestep: the same inputs at every evaluation, in every run and resume."""
+    was_training = model.training
+    model.eval()  # no caption dropout
+    total, count = 0.0, 0
+    for index, ref in enumerate(batches):
+        batch = {name: tensor.to(device) for name, tensor in data.load(ref, None).items()}
+        x = batch["x"]  # (B, C, T, h, w)
+        sizes = size_inputs(model_type, x.shape[0], device, batch["height"], batch["width"], batch["num_frames"],
+                            batch["fps"])  # fmt: skip
+
+        def model_fn(x_t, t, x_mask, batch=batch, sizes=sizes):
+            return model(x_t, t, batch["y"], batch["y_mask"], x_mask, **sizes)
+
+        for k in range(EVAL_TIMESTEPS):
+            step = (2 * k + 1) * diffusion.num_timesteps // (2 * EVAL_TIMESTEPS)
+            generator = torch.Generator().manual_seed(seed_of("eval", ref.bucket, index, k))
+            noise = torch.randn(x.shape, generator=generator).to(device)  # (B, C, T, h, w)
+            t = torch.full((x.shape[0],), step, device=device)  # (B,)
+            losses = diffusion.training_losses(model_fn, x, t, noise)["loss"]  # (B,)
+            total, count = total + float(losses.sum()), count + losses.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
 class TrainLog:
     """Rank 0's record of training: a line on stdout, TensorBoard, wandb, losses.jsonl."""
 
@@ -188,6 +218,14 @@ class TrainLog:
         self.wait = self.compute = 0.0
         self.samples = 0
 
+    def record_eval(self, step: int, loss: float) -> None:
+        print(f"step {step}/{self.total_steps} eval_loss {loss:.4g}", flush=True)
+        self.writer.add_scalar("eval/loss", loss, step)
+        if self.run is not None:
+            self.run.log({"eval_loss": loss}, step=step)
+        with (self.experiment / "eval_losses.jsonl").open("a") as handle:
+            handle.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
     def close(self) -> None:
         self.writer.close()
         if self.run is not None:
@@ -218,7 +256,7 @@ def _batches(data: CacheBatches, config: TrainConfig, state: TrainState, rank: i
 
     Each epoch's plan is made when the previous epoch ends, from the state the loop advanced.
     """
-    rows, sizes = data.bucket_rows(), data.batch_sizes(config.buckets)
+    rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
     while True:
         plan = plan_epoch(rows, sizes, config.seed, state.epoch, world)
         started = time.perf_counter()
@@ -243,7 +281,8 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
 
     config = job.config
     torch.manual_seed(config.seed)
-    data = CacheBatches(Cache(job.cache_dir), config.mask_ratios)
+    data = CacheBatches(Cache(job.cache_dir), config.mask_ratios, config.eval_fraction)
+    eval_batches = data.eval_batches(data.batch_sizes(config.buckets)) if rank == 0 else []
     model = load_model(config.model, data.cache.text_dim(), config.text_encoder.model_max_length,
                        fixed_latent_size(config))  # fmt: skip
     ema = make_ema(model) if rank == 0 else None
@@ -275,9 +314,13 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
         if ema is not None:
             update_ema(ema, engine.module, config.ema_decay)
         state.advance(job.steps_per_epoch)
+        done = state.global_step == job.total_steps
         if log is not None:
             log.record(state, metrics, batch["x"].shape[0], wait, time.perf_counter() - started)
-        if state.global_step % config.ckpt_every == 0 or state.global_step == job.total_steps:
+        if eval_batches and (state.global_step % (config.eval_every or config.ckpt_every) == 0 or done):
+            log.record_eval(state.global_step, evaluate(engine.module, diffusion, data, eval_batches,
+                                                        config.model.type, engine.device))  # fmt: skip
+        if state.global_step % config.ckpt_every == 0 or done:
             folder = checkpoint_dir(job.experiment, state.global_step)
             save_checkpoint(folder, engine, ema, state, format_config(config), rank, on_saved=hooks.saved)
     if log is not None:

@@ -13,13 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SORA = shutil.which("sora", path=str(Path(sys.executable).parent)) or "sora"
-COMMANDS = ("preprocess", "bucket-report", "train", "sample", "demo-data", "debug-models", "config")
+COMMANDS = ("preprocess", "bucket-report", "train", "sample", "demo-data", "demo-eval", "debug-models", "config")
 
 
 # What each command's --help must list: its arguments (by metavar) and its options, short forms included.
 # Written out here, not read from cli.py: a flag that disappears from the CLI fails the test.
 HELP = {
     "demo-data": (["out_dir"], ["--num", "-n", "--seed"]),
+    "demo-eval": (["SAMPLES_DIR"], ["--prompts", "--sheet", "--json"]),
     "debug-models": (["out_dir"], ["--seed"]),
     "config": (["CONFIG"], ["--kind"]),
     "preprocess": (["DATA.csv"], ["--config", "-c", "--cache-dir", "--address"]),

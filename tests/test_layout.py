@@ -170,7 +170,8 @@ def test_the_training_step_needs_no_ray():
     assert "ray" not in {name.split(".")[0] for name in imports_of(ROOT / "pipelines" / "trainer.py")}
 
 
-JOBS = {"preprocess", "train", "sample", "serve", "bucket_report"}  # one per command; see pipelines/__init__.py
+# One per command; see pipelines/__init__.py.
+JOBS = {"preprocess", "train", "sample", "serve", "bucket_report", "demo_eval"}
 JOB_IMPORTS_ALLOWED = {("serve", "sample")}  # serving runs the sampler
 
 

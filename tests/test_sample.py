@@ -42,6 +42,9 @@ def test_sample_writes_one_mp4_per_prompt(debug_models, tmp_path):
     video = frames_of(paths[0])
     assert video.shape == (5, 64, 96, 3)
     assert decord.VideoReader(str(paths[0])).get_avg_fps() == 8
+    # samples.csv names every video with its prompt, as an input table does (path,text).
+    table = (tmp_path / "a" / "samples.csv").read_text().splitlines()
+    assert table == ["path,text", f"{paths[0].name},{prompts[1]}", f"{paths[1].name},{prompts[3]}"]
     again = run_sora(*args, "--save-dir", str(tmp_path / "b"))
     assert again.returncode == 0
     # Same seed, same video (up to the last bit of CPU float sums and H.264 rounding).

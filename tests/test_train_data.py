@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 from bucketing.assign import parse_bucket_name
-from pipelines.cache import Cache
+from pipelines.cache import ID, Cache
 from pipelines.config import ConfigError, load_config
 from pipelines.train_data import CacheBatches, frame_mask, plan_epoch
 
-ROWS = {"144p-16f-0.56": 9, "144p-1f-1.00": 5, "240p-8f-1.78": 1}
+ROWS = {"144p-16f-0.56": np.arange(9), "144p-1f-1.00": np.arange(5), "240p-8f-1.78": np.arange(1)}
 SIZES = {"144p-16f-0.56": 2, "144p-1f-1.00": 4, "240p-8f-1.78": 2}
 
 
@@ -35,6 +36,15 @@ def test_workers_get_disjoint_full_homogeneous_batches():
     # 4 + 1 full batches; dealt in pairs, so one batch waits for the next epoch.
     assert plan.steps == 2
     assert plan.leftover == {"144p-16f-0.56": 1, "144p-1f-1.00": 1, "240p-8f-1.78": 1}
+
+
+def test_plans_deal_the_given_rows_only():
+    rows = {"144p-16f-0.56": np.array([1, 4, 6, 7])}  # the others held out
+    used = {row for epoch in range(10) for ref in plan_epoch(rows, SIZES, 0, epoch, 1).batches[0] for row in ref.rows}
+    assert used == {1, 4, 6, 7}
+    # All rows given: the same plan as the row positions themselves (plans did not change with held-out rows).
+    everything = plan_epoch({"144p-16f-0.56": np.arange(9)}, SIZES, 0, 0, 1)
+    assert all(len(ref.rows) == 2 for ref in everything.batches[0]) and everything.steps == 4
 
 
 def test_every_sample_is_used_over_epochs():
@@ -79,7 +89,7 @@ def test_batches_from_the_demo_cache(clean_cache):
     config = load_config(config_path, "train")
     data = CacheBatches(Cache(cache_dir), config.mask_ratios)
     sizes = data.batch_sizes(config.buckets)
-    plan = plan_epoch(data.bucket_rows(), sizes, seed=config.seed, epoch=0, workers=1)
+    plan = plan_epoch(data.train_rows(), sizes, seed=config.seed, epoch=0, workers=1)
     assert plan.steps > 0
     batches = list(data.iterate(plan, rank=0, seed=config.seed, epoch=0))
     for (step, batch), ref in zip(batches, plan.batches[0], strict=True):
@@ -116,3 +126,38 @@ def test_a_cache_bucket_the_config_lacks_is_an_error(clean_cache):
     config = load_config(clean_cache[1], "train", {"bucket_config": {"144p": {1: (1.0, 4)}}})
     with pytest.raises(ConfigError, match=r"the cache has bucket 144p-16f-\S+ but the config has no batch size"):
         CacheBatches(Cache(clean_cache[0])).batch_sizes(config.buckets)
+
+
+def test_held_out_samples_are_chosen_by_id_and_never_planned(clean_cache):
+    from pipelines.train_data import held_out
+
+    ids = [f"sample-{i}" for i in range(2000)]
+    chosen = [held_out(i, 0.25) for i in ids]
+    assert chosen == [held_out(i, 0.25) for i in ids]  # a function of the id only
+    assert 0.2 < sum(chosen) / len(ids) < 0.3
+    assert not any(held_out(i, 0.0) for i in ids) and all(held_out(i, 1.0) for i in ids)
+    assert all(held_out(i, 0.5) for i, kept in zip(ids, chosen, strict=True) if kept)  # nested as the share grows
+
+    config = load_config(clean_cache[1], "train")
+    data = CacheBatches(Cache(clean_cache[0]), eval_fraction=0.5)
+    train, sizes = data.train_rows(), data.batch_sizes(config.buckets)
+    evaluated = {(ref.bucket, row) for ref in data.eval_batches(sizes) for row in ref.rows}
+    trained = {(bucket, int(row)) for bucket, rows in train.items() for row in rows}
+    assert evaluated and trained and not evaluated & trained
+    assert len(evaluated | trained) == sum(data.bucket_rows().values())
+    for epoch in range(3):
+        plan = plan_epoch(train, sizes, seed=config.seed, epoch=epoch, workers=1)
+        assert {(ref.bucket, row) for ref in plan.batches[0] for row in ref.rows} <= trained
+
+    # The evaluation view is fixed: the centred window of the posterior mean, no frame mask.
+    ref = data.eval_batches(sizes)[0]
+    first, second = data.load(ref, None), data.load(ref, None)
+    assert "x_mask" not in first and all(torch.equal(first[k], second[k]) for k in first)
+    sample = next(
+        s
+        for s in Cache(clean_cache[0]).iter_samples(ref.bucket)
+        if s.id == data.table(ref.bucket)[ID][ref.rows[0]].as_py()
+    )
+    frames, stored = first["x"].shape[2], sample.latent_mean.shape[1]
+    centre = (stored - frames) // 2
+    torch.testing.assert_close(first["x"][0], sample.latent_mean[:, centre : centre + frames].float())

@@ -22,7 +22,8 @@ from pipelines.train import make_plan
 from pipelines.trainer import TrainJob, train_one_process
 
 config_path, cache_dir, experiment, epochs, resume = sys.argv[1:]
-config = load_config(config_path, "train", {"epochs": int(epochs), "log_every": 1, "ckpt_every": 4, "lr": 1e-3})
+overrides = {"epochs": int(epochs), "log_every": 1, "ckpt_every": 4, "lr": 1e-3, "eval_fraction": 0.25, "eval_every": 2}
+config = load_config(config_path, "train", overrides)
 steps = make_plan(Cache(cache_dir), config, workers=1).steps_per_epoch
 job = TrainJob(config, cache_dir, Path(experiment), steps, Path(resume) if resume else None)
 train_one_process(job)
@@ -37,8 +38,8 @@ def run_one_process(config, cache, experiment, epochs: int, resume: str = "") ->
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def losses(experiment) -> dict[int, float]:
-    lines = (experiment / "losses.jsonl").read_text().splitlines()
+def losses(experiment, name: str = "losses.jsonl") -> dict[int, float]:
+    lines = (experiment / name).read_text().splitlines()
     return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
 
 
@@ -106,3 +107,13 @@ def test_one_process_trains_without_ray_and_resumes_exactly(clean_cache, tmp_pat
     assert sorted(again) == list(range(5, total + 1))
     for step, loss in again.items():
         assert loss == pytest.approx(trained[step], rel=1e-5, abs=1e-6), step
+    # The eval loss: every eval_every (2) steps on the held-out samples, the same inputs every time,
+    # so the resumed run's figures equal the original's; and it moves as the weights train.
+    evaluated = losses(experiment, "eval_losses.jsonl")
+    assert sorted(evaluated) == list(range(2, total + 1, 2))
+    assert all(0 < loss < 10 for loss in evaluated.values())
+    assert len(set(evaluated.values())) == len(evaluated)
+    resumed_eval = losses(resumed, "eval_losses.jsonl")
+    assert sorted(resumed_eval) == list(range(6, total + 1, 2))
+    for step, loss in resumed_eval.items():
+        assert loss == pytest.approx(evaluated[step], rel=1e-5, abs=1e-6), step
