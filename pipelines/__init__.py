@@ -21,9 +21,10 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
     serve.py          the Ray Serve application (configs/serve.yaml)
     demo_data.py      `sora demo-data`: a small captioned dataset of moving shapes
     demo_eval.py      `sora demo-eval`: judges demo videos against their captions from the pixels; contact sheet
+    demo_vae.py       `sora fit-demo-vae`: a small SD-geometry VAE fitted to demo frames, so the demo can learn
 
 Imports point down: cli.py -> pipelines -> sora_model, bucketing. Inside pipelines,
-the job modules (preprocess, train, sample, serve, bucket_report, demo_eval) import the shared
+the job modules (preprocess, train, sample, serve, bucket_report, demo_eval, demo_vae) import the shared
 ones (config, cache, dataset, media, models, checkpoint, cluster) and never each
 other, except serve, which serves `sample`'s Sampler; trainer.py never imports ray.
 """

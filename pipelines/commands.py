@@ -80,3 +80,11 @@ def debug_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     from sora_model.debug import write_debug_models
 
     return write_debug_models(out_dir, seed=seed)
+
+
+def fit_demo_vae(out_dir: str | Path, steps: int, seed: int) -> dict[str, Any]:
+    """Fit the demo VAE into OUT_DIR; returns its fit.json content."""
+    from pipelines.demo_vae import DemoVaeFit
+    from pipelines.demo_vae import fit_demo_vae as run
+
+    return run(out_dir, DemoVaeFit(steps=steps, seed=seed))

@@ -17,7 +17,11 @@ from sora_model.loading import load_pretrained
 
 
 class VideoAutoencoderKL(nn.Module):
-    """(B, C, T, H, W) video in [-1, 1]  <->  (B, 4, T, H/8, W/8) scaled latents."""
+    """(B, C, T, H, W) video in [-1, 1]  <->  (B, 4, T, H/8, W/8) scaled latents.
+
+    Scaled latents are (z - shift) * scale, with diffusers' `shift_factor` and
+    `scaling_factor`; decoding applies the inverse. SD VAEs have no shift (None: 0).
+    """
 
     def __init__(self, vae: AutoencoderKL, micro_batch_size: int | None = None) -> None:
         super().__init__()
@@ -26,6 +30,9 @@ class VideoAutoencoderKL(nn.Module):
         # SD VAEs store latents divided by their std; 0.18215 for sd-vae-ft-ema. diffusers
         # keeps it in the model config (its default is the same number).
         self.scaling_factor = float(vae.config.scaling_factor)
+        # A shift re-centres latents whose mean is far from 0 (the fitted demo VAE's, as in
+        # SD3 and Flux); the SD VAE's latents need none.
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
         self.out_channels = int(vae.config.latent_channels)
         self.spatial_stride = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -76,9 +83,9 @@ class VideoAutoencoderKL(nn.Module):
         frames = rearrange(video, "b c t h w -> (b t) c h w").to(self.dtype)  # (B*T, C, H, W)
         moments = self._frames(frames, lambda x: self.module.encode(x).latent_dist.parameters)
         mean, logvar = moments.chunk(2, dim=1)  # (B*T, 4, h, w) each
-        # Scaling z = s * (mean + std * eps) scales the mean by s and the variance by s^2.
+        # z' = s * (mean + std * eps - shift): the mean moves and scales, the variance scales by s^2.
         logvar = torch.clamp(logvar, -30.0, 20.0) + 2 * torch.log(torch.tensor(self.scaling_factor))
-        mean = mean * self.scaling_factor
+        mean = (mean - self.shift_factor) * self.scaling_factor
         unflatten = lambda x: rearrange(x, "(b t) c h w -> b c t h w", b=batch)  # noqa: E731
         return unflatten(mean), unflatten(logvar)
 
@@ -93,6 +100,7 @@ class VideoAutoencoderKL(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, T, h, w) -> video (B, C, T, H, W) in about [-1, 1]."""
         batch = latents.shape[0]
-        frames = rearrange(latents, "b c t h w -> (b t) c h w").to(self.dtype) / self.scaling_factor
+        frames = rearrange(latents, "b c t h w -> (b t) c h w").to(self.dtype)
+        frames = frames / self.scaling_factor + self.shift_factor  # (B*T, 4, h, w), as the VAE made them
         decoded = self._frames(frames, lambda z: self.module.decode(z).sample)  # (B*T, C, H, W)
         return rearrange(decoded, "(b t) c h w -> b c t h w", b=batch)

@@ -13,7 +13,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SORA = shutil.which("sora", path=str(Path(sys.executable).parent)) or "sora"
-COMMANDS = ("preprocess", "bucket-report", "train", "sample", "demo-data", "demo-eval", "debug-models", "config")
+COMMANDS = (
+    "preprocess",
+    "bucket-report",
+    "train",
+    "sample",
+    "demo-data",
+    "demo-eval",
+    "debug-models",
+    "fit-demo-vae",
+    "config",
+)
 
 
 # What each command's --help must list: its arguments (by metavar) and its options, short forms included.
@@ -22,6 +32,7 @@ HELP = {
     "demo-data": (["out_dir"], ["--num", "-n", "--seed"]),
     "demo-eval": (["SAMPLES_DIR"], ["--prompts", "--sheet", "--json"]),
     "debug-models": (["out_dir"], ["--seed"]),
+    "fit-demo-vae": (["out_dir"], ["--steps", "--seed"]),
     "config": (["CONFIG"], ["--kind"]),
     "preprocess": (["DATA.csv"], ["--config", "-c", "--cache-dir", "--address"]),
     "bucket-report": (["source"], ["--config", "-c", "--json", "--plot"]),

@@ -171,7 +171,7 @@ def test_the_training_step_needs_no_ray():
 
 
 # One per command; see pipelines/__init__.py.
-JOBS = {"preprocess", "train", "sample", "serve", "bucket_report", "demo_eval"}
+JOBS = {"preprocess", "train", "sample", "serve", "bucket_report", "demo_eval", "demo_vae"}
 JOB_IMPORTS_ALLOWED = {("serve", "sample")}  # serving runs the sampler
 
 
