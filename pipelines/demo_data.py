@@ -78,7 +78,7 @@ def plan_demo(num: int = 24, seed: int = 0) -> list[DemoItem]:
     items = []
     num_images = round(num * IMAGE_SHARE)
     for index in range(num):
-        shape, color, background, direction = _random_scene(rng)
+        shape, color, background, direction = random_scene(rng)
         scene = {"shape": shape, "color": color, "background": background}
         width, height = SIZES[index % len(SIZES)]
         if index >= num - num_images:
@@ -116,7 +116,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _random_scene(rng: random.Random) -> tuple[str, str, str, str]:
+def random_scene(rng: random.Random) -> tuple[str, str, str, str]:
     """(shape, colour, background colour, direction), the two colours distinct."""
     color, background = rng.sample(sorted(COLORS), 2)
     return rng.choice(SHAPES), color, background, rng.choice(sorted(DIRECTIONS))

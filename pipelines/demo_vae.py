@@ -30,7 +30,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from pipelines.demo_data import COLORS, DIRECTIONS, SHAPES, DemoItem, plan_demo, render_frames
+from pipelines.demo_data import DemoItem, plan_demo, random_scene, render_frames
 
 FIT_FILE = "fit.json"
 SPATIAL_STRIDE = 8  # the SD VAE's: 3 downsamplings
@@ -91,9 +91,8 @@ def _to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
 
 def _random_frame(rng: random.Random, width: int, height: int) -> np.ndarray:
     """One frame of a random demo scene of the given size, at a random point of its motion."""
-    color, background = rng.sample(sorted(COLORS), 2)
+    shape, color, background, direction = random_scene(rng)
     num_frames = rng.randrange(10, 49)  # as plan_demo's clips
-    shape, direction = rng.choice(SHAPES), rng.choice(sorted(DIRECTIONS))
     scene = {"shape": shape, "color": color, "background": background, "direction": direction}
     item = DemoItem("", "", "video", width, height, num_frames, **scene)
     return next(itertools.islice(render_frames(item), rng.randrange(num_frames), None))
