@@ -9,6 +9,15 @@ TORCH_VERSION ?= 2.13.0
 # Where the CPU build of torch lives when the configured package index does not have it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo
+DEMO_SAMPLES ?= 48
+DEMO_EPOCHS ?= 60
+# The long video continues the first frame of a demo clip, with that clip's caption.
+DEMO_LONG_REFERENCE ?= clip_000.mp4
+DEMO_LONG_PROMPT ?= a white square moves down on a yellow background
+# make demo-model: where it works, how much demo data, how long (see README, The demo model)
+DEMO_MODEL_DIR ?= demo-model
+DEMO_MODEL_SAMPLES ?= 96
+DEMO_MODEL_EPOCHS ?= 300
 # An NVIDIA GPU is present when nvidia-smi lists one.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
@@ -16,11 +25,12 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint format bench clean help
+.PHONY: setup demo demo-model test lint format bench clean help
 
 help:
 	@echo "make demo   set up .venv, make demo data and tiny models, run the pipeline as far as it goes"
 	@echo "make test   set up .venv, lint and run the test suite"
+	@echo "make demo-model  train the committed demo model again (configs/demo/model; about an hour on 2 cores)"
 	@echo "make bench  run the benchmarks in benchmarks/"
 	@echo "make setup  only create .venv and install the project (idempotent)"
 
@@ -47,35 +57,48 @@ endif
 	@echo "setup done: $(VENV) ($$($(BIN)/python -c 'import torch; print("torch", torch.__version__)'))"
 
 demo: setup
-	$(BIN)/sora demo-data $(DEMO_DIR)/data
-	$(BIN)/sora debug-models $(DEMO_DIR)/models
-	$(BIN)/sora config configs/debug/train.py > $(DEMO_DIR)/train.resolved.py
-	$(BIN)/sora config configs/debug/inference.py > $(DEMO_DIR)/inference.resolved.py
-	$(BIN)/sora preprocess $(DEMO_DIR)/data/data.csv --config configs/debug/train.py --cache-dir $(DEMO_DIR)/cache
-	$(BIN)/sora bucket-report $(DEMO_DIR)/cache --config configs/debug/train.py --plot $(DEMO_DIR)/buckets.png
-	$(BIN)/sora train configs/debug/train.py --data-path $(DEMO_DIR)/cache --outputs $(DEMO_DIR)/outputs --num-workers 2
-	$(BIN)/sora sample configs/debug/inference.py --ckpt-path $(DEMO_DIR)/outputs --save-dir $(DEMO_DIR)/samples
-	@# Long video: 3 clips of 8 frames, 2 carried over (20 frames), conditioned on demo files:
-	@# an image as the first frame; a clip's first 4 frames to open, the image to close (half edited).
-	$(BIN)/sora sample configs/debug/inference.py --ckpt-path $(DEMO_DIR)/outputs --save-dir $(DEMO_DIR)/samples-long \
-	  --prompt "an orange circle on a white background" --prompt "an orange circle moves right on a purple background" \
-	  --loop 3 --condition-frame-length 2 --batch-size 2 \
-	  --reference-path $(DEMO_DIR)/data/image_017.png --mask-strategy "0,0,0,1,0" \
-	  --reference-path "$(DEMO_DIR)/data/clip_002.mp4;$(DEMO_DIR)/data/image_017.png" --mask-strategy "0,0,0,4,0;1,2,0,1,-1,0.5"
-	@# Judge the samples from their pixels: background colour, shape colour, shape, direction.
+	$(BIN)/sora demo-data $(DEMO_DIR)/data --num $(DEMO_SAMPLES)
+	$(BIN)/sora config configs/demo/train.py > $(DEMO_DIR)/train.resolved.py
+	$(BIN)/sora config configs/demo/inference.py > $(DEMO_DIR)/inference.resolved.py
+	$(BIN)/sora preprocess $(DEMO_DIR)/data/data.csv --config configs/demo/train.py --cache-dir $(DEMO_DIR)/cache
+	$(BIN)/sora bucket-report $(DEMO_DIR)/cache --config configs/demo/train.py --plot $(DEMO_DIR)/buckets.png
+	@# A fresh model for a few minutes: loss and eval loss falling, previews at each checkpoint.
+	$(BIN)/sora train configs/demo/train.py --data-path $(DEMO_DIR)/cache --outputs $(DEMO_DIR)/outputs \
+	  --num-workers 2 --epochs $(DEMO_EPOCHS)
+	@# The committed demo model (configs/demo/model, made by `make demo-model`) samples the demo's captions.
+	$(BIN)/sora sample configs/demo/inference.py --save-dir $(DEMO_DIR)/samples
+	@# Long video: 3 clips of 8 frames, 2 carried over (20 frames); its first frame is a demo clip's.
+	$(BIN)/sora sample configs/demo/inference.py --save-dir $(DEMO_DIR)/samples-long \
+	  --prompt "$(DEMO_LONG_PROMPT)" --loop 3 --condition-frame-length 2 \
+	  --reference-path $(DEMO_DIR)/data/$(DEMO_LONG_REFERENCE) --mask-strategy "0,0,0,1,0"
+	$(BIN)/sora demo-eval $(DEMO_DIR)/samples-long
+	@# Judge from the pixels (background colour, shape colour, shape, direction): the fresh
+	@# model's last previews, then the demo model's samples.
+	$(BIN)/sora demo-eval "$$(ls -d $(DEMO_DIR)/outputs/*/previews/step-* | tail -1)"
 	$(BIN)/sora demo-eval $(DEMO_DIR)/samples
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
-	@echo "debug models:     $(DEMO_DIR)/models/t5, $(DEMO_DIR)/models/vae"
 	@echo "resolved configs: $(DEMO_DIR)/train.resolved.py, $(DEMO_DIR)/inference.resolved.py"
 	@echo "cache:            $(DEMO_DIR)/cache (manifest.json, buckets/, rejects.arrow, probe.arrow)"
 	@echo "bucket report:    above, and drawn in $(DEMO_DIR)/buckets.png"
-	@echo "trained model:    $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) (losses.jsonl, tensorboard/ beside it)"
-	@echo "sampled videos:   $$(ls $(DEMO_DIR)/samples/*.mp4 | tr '\n' ' ')"
-	@echo "long videos:      $$(ls $(DEMO_DIR)/samples-long/*.mp4 | tr '\n' ' ')(20 frames: 3 clips, conditioned on demo files)"
+	@echo "fresh model:      $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) (losses.jsonl, eval_losses.jsonl, tensorboard/ beside it)"
+	@echo "its previews:     $$(ls -d $(DEMO_DIR)/outputs/*/previews/step-* | tail -1)/contact_sheet.png"
+	@echo "demo model:       configs/demo/model (make demo-model)"
+	@echo "sampled videos:   $(DEMO_DIR)/samples/*.mp4"
+	@echo "long video:       $$(ls $(DEMO_DIR)/samples-long/*.mp4) (20 frames: 3 clips, the first frame $(DEMO_LONG_REFERENCE)'s)"
 	@echo "judged:           above; frames and verdicts in $(DEMO_DIR)/samples/contact_sheet.png"
 	@echo
 	@echo "serve it over HTTP:  $(BIN)/serve run configs/serve.yaml   (then see README, Serving)"
+
+# The committed demo model: more demo data, the same commands, longer. Writes configs/demo/model/.
+demo-model: setup
+	$(BIN)/sora demo-data $(DEMO_MODEL_DIR)/data --num $(DEMO_MODEL_SAMPLES)
+	$(BIN)/sora preprocess $(DEMO_MODEL_DIR)/data/data.csv --config configs/demo/train.py --cache-dir $(DEMO_MODEL_DIR)/cache
+	$(BIN)/sora train configs/demo/train.py --data-path $(DEMO_MODEL_DIR)/cache --outputs $(DEMO_MODEL_DIR)/outputs \
+	  --num-workers 2 --epochs $(DEMO_MODEL_EPOCHS)
+	mkdir -p configs/demo/model
+	cp "$$(ls -d $(DEMO_MODEL_DIR)/outputs/*/checkpoints/step-* | tail -1)/ema.safetensors" configs/demo/model/ema.safetensors
+	@echo "demo model: configs/demo/model/ema.safetensors (EMA weights of $$(ls -d $(DEMO_MODEL_DIR)/outputs/*/checkpoints/step-* | tail -1))"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -110,8 +110,8 @@ def save_checkpoint(
         target = Path(scratch)
         engine.save_checkpoint(str(target / DEEPSPEED), tag=DEEPSPEED_TAG)
         if rank == 0:
-            _save_tensors(engine.module, target / MODEL)
-            _save_tensors(ema, target / EMA)
+            save_tensors(engine.module, target / MODEL)
+            save_tensors(ema, target / EMA)
             (target / STATE).write_text(json.dumps(state.state_dict()))
             (target / CONFIG).write_text(config_text)
         # Every rank adds its own shards to the experiment's copy (shared storage on clusters).
@@ -134,5 +134,6 @@ def load_checkpoint(folder: Path, engine, ema: torch.nn.Module | None) -> TrainS
     return state
 
 
-def _save_tensors(module: torch.nn.Module, path: Path) -> None:
+def save_tensors(module: torch.nn.Module, path: Path) -> None:
+    """A module's state as float32 safetensors (what `sora sample --ckpt-path` loads)."""
     save_file({k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))

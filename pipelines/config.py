@@ -111,13 +111,26 @@ class TextEncoderConfig:
 class SchedulerConfig:
     """`scheduler = dict(...)`: the diffusion process for training and sampling."""
 
-    type: Literal["iddpm", "dpm-solver"] = "iddpm"
+    type: Literal["iddpm", "dpm-solver", "rflow"] = "iddpm"
     num_sampling_steps: int = field(default=100, metadata=_at_least(1))
     cfg_scale: float = field(default=7.0, metadata=_at_least(0.0))
     # Guidance acts on the first `cfg_channel` latent channels only (Open-Sora uses 3 of 4);
-    # None guides all channels.
+    # None guides all channels. IDDPM only: rflow guides every channel, as Open-Sora 1.2.
     cfg_channel: int | None = field(default=3, metadata=_at_least(1))
     timestep_respacing: str = ""  # training: "" keeps all 1000 steps
+    # rflow (Open-Sora 1.2): training times uniform or T * sigmoid(N(loc, scale)); the transform
+    # moves times towards the noise end for inputs larger than 512x512, one frame.
+    sample_method: Literal["uniform", "logit-normal"] = "uniform"
+    loc: float = 0.0
+    scale: float = field(default=1.0, metadata=_at_least(0.0))
+    use_timestep_transform: bool = False
+    transform_scale: float = field(default=1.0, metadata=_at_least(0.0))
+
+    @property
+    def rflow_options(self) -> dict:
+        """The settings only `rflow` reads, as `build_scheduler` takes them."""
+        names = ("sample_method", "loc", "scale", "use_timestep_transform", "transform_scale")
+        return {name: getattr(self, name) for name in names} if self.type == "rflow" else {}
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,10 @@ class TrainConfig:
     # evaluated every `eval_every` steps (None: at each checkpoint) at fixed timesteps and noise.
     eval_fraction: float = field(default=0.0, metadata=_between(0.0, 0.9))
     eval_every: int | None = field(default=None, metadata=_at_least(1))
+    # Previews: these prompts are sampled from the EMA weights every `preview_every` steps (None:
+    # at each checkpoint), away from the training step; see pipelines/preview.py.
+    preview_prompts: tuple[str, ...] | None = None
+    preview_every: int | None = field(default=None, metadata=_at_least(1))
     preprocess: PreprocessConfig = PreprocessConfig()
     # Derived, not a key of the file: bucket_config (or the fixed size) parsed once, here.
     buckets: BucketConfig = field(init=False, repr=False, compare=False)
@@ -207,6 +224,8 @@ class TrainConfig:
                     )
         if self.image_size is not None:
             _check_image_size("image_size", self.image_size)
+        if self.scheduler.type == "dpm-solver":
+            raise ConfigError("scheduler: type 'dpm-solver' only samples; train with 'iddpm' or 'rflow'")
         if self.sp_size > 1 and self.plugin != "zero2-seq":
             raise ConfigError(f"sp_size={self.sp_size} needs plugin='zero2-seq' (sequence parallelism)")
         if self.mask_ratios is not None:

@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageFilter
 
 from pipelines.config import ConfigError
+from pipelines.contact_sheet import SheetRow, evenly_spaced, sheet_frames, write_contact_sheet
 from pipelines.dataset import SAMPLES_TABLE, read_table, resolve_paths
 from pipelines.demo_data import COLORS, DIRECTIONS, SHAPES
 from pipelines.media import DecodeError, read_frames
@@ -206,11 +207,6 @@ def read_video(path: Path) -> np.ndarray:
     return read_frames(path, evenly_spaced(probe(path).num_frames, MAX_FRAMES))
 
 
-def evenly_spaced(count: int, most: int) -> np.ndarray:
-    """Up to `most` indices of range(count), evenly spaced, the first and the last included."""
-    return np.unique(np.linspace(0, count - 1, min(count, most)).round().astype(int))
-
-
 @dataclass(frozen=True)
 class Judgement:
     """One row of the table: the caption against what its file shows."""
@@ -239,16 +235,13 @@ class Judgement:
         }
 
 
-SHEET_FRAMES = 4  # frames per row of the contact sheet, evenly spaced
-
-
 def judge_file(path: Path, shown_as: str, prompt: str, caption: Caption) -> Judgement:
     try:
         frames = read_video(path)
     except (ProbeError, DecodeError, OSError) as error:
         reason = error.reason if isinstance(error, ProbeError) else str(error)  # a ProbeError's detail repeats the path
         return Judgement(shown_as, prompt, caption, None, None, f"cannot read: {reason}")
-    return Judgement(shown_as, prompt, caption, frames[evenly_spaced(len(frames), SHEET_FRAMES)], measure(frames))
+    return Judgement(shown_as, prompt, caption, sheet_frames(frames), measure(frames))
 
 
 def judge_table(table_path: Path) -> list[Judgement]:
@@ -332,50 +325,15 @@ def report_to_dict(judgements: list[Judgement], table_path: Path, sheet: Path) -
     }
 
 
-# Contact sheet layout, in pixels.
-CELL = 128  # each frame fitted into a CELL x CELL box
-GAP = 6
-LINE = 16  # one line of text (the default font at FONT_SIZE)
-FONT_SIZE = 12
-OK, WRONG, TEXT, PAPER, EMPTY = (20, 130, 40), (200, 30, 30), (20, 20, 20), (255, 255, 255), (200, 200, 200)
+OK, WRONG = (20, 130, 40), (200, 30, 30)
 
 
-def _colored_verdicts(judgement: Judgement) -> list[tuple[str, tuple[int, int, int]]]:
-    return [
+def _sheet_row(judgement: Judgement) -> SheetRow:
+    notes = [
         (f"{text} {'ok' if correct else 'WRONG'}   ", OK if correct else WRONG)
         for text, correct in _verdicts(judgement)
     ]
-
-
-def draw_contact_sheet(judgements: list[Judgement], path: Path) -> None:
-    """One row per sample: SHEET_FRAMES frames, then the prompt and each attribute's verdict."""
-    font = ImageFont.load_default(size=FONT_SIZE)  # FreeType's default font; a bitmap one without FreeType
-    rows = [[(f"{j.path}: {j.prompt}", TEXT), *_colored_verdicts(j)] for j in judgements]
-    measure_text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
-    text_width = max(
-        max(measure_text(row[0][0], font=font), sum(measure_text(t, font=font) for t, _ in row[1:])) for row in rows
-    )
-    width = GAP + max(SHEET_FRAMES * (CELL + GAP), int(text_width) + GAP)
-    row_height = CELL + 2 * LINE + 2 * GAP
-    sheet = Image.new("RGB", (width, GAP + len(judgements) * row_height), PAPER)
-    draw = ImageDraw.Draw(sheet)
-    for index, (judgement, row) in enumerate(zip(judgements, rows, strict=True)):
-        top = GAP + index * row_height
-        frames = judgement.frames if judgement.frames is not None else []
-        for column in range(SHEET_FRAMES):
-            left = GAP + column * (CELL + GAP)
-            if column < len(frames):
-                thumb = ImageOps.contain(Image.fromarray(frames[column]), (CELL, CELL))
-                sheet.paste(thumb, (left + (CELL - thumb.width) // 2, top + (CELL - thumb.height) // 2))
-            else:
-                draw.rectangle((left, top, left + CELL - 1, top + CELL - 1), fill=EMPTY)
-        draw.text((GAP, top + CELL + GAP), row[0][0], fill=row[0][1], font=font)
-        x = GAP
-        for text, color in row[1:]:
-            draw.text((x, top + CELL + GAP + LINE), text, fill=color, font=font)
-            x += measure_text(text, font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
+    return SheetRow(judgement.frames, f"{judgement.path}: {judgement.prompt}", notes)
 
 
 def demo_eval(samples_dir: str | Path, prompts: str | Path | None, sheet: str | Path | None, as_json: bool) -> str:
@@ -390,7 +348,7 @@ def demo_eval(samples_dir: str | Path, prompts: str | Path | None, sheet: str | 
         raise ConfigError(f"prompt table not found: {table_path}{hint}")
     judgements = judge_table(table_path)
     sheet = Path(sheet) if sheet is not None else samples_dir / "contact_sheet.png"
-    draw_contact_sheet(judgements, sheet)
+    write_contact_sheet([_sheet_row(judgement) for judgement in judgements], sheet)
     if as_json:
         return json.dumps(report_to_dict(judgements, table_path, sheet), indent=2) + "\n"
     return format_report(judgements, table_path, sheet)

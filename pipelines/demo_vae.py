@@ -135,6 +135,27 @@ def evaluate(vae: AutoencoderKL, frames: list[torch.Tensor]) -> tuple[float, tor
     return psnr(torch.cat(reconstructions), targets), torch.cat(means, dim=1)
 
 
+@torch.no_grad()
+def balance_latent_channels(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Reparametrise the latent space so each channel has mean 0 and std 1 (given each channel's
+    `mean` and `std`, (4,)), leaving reconstructions unchanged.
+
+    diffusers keeps one `scaling_factor` for all channels; a fitted VAE's channels can differ
+    several times in spread, and the diffusion model, which sees unit noise in every channel,
+    then makes errors that the low-spread channels magnify into colour changes. Folding a
+    per-channel affine map into the 1x1 convolutions on both sides of the latent removes that:
+    the encoder's `quant_conv` emits z' = (z - mean) / std (and the log-variance less 2 log std),
+    the decoder's `post_quant_conv` takes z' and multiplies it back before its own weights.
+    """
+    channels = mean.numel()
+    encode, decode = vae.quant_conv, vae.post_quant_conv  # 1x1 convolutions: (2C, ...) and (C, C)
+    encode.weight[:channels] /= std[:, None, None, None]
+    encode.bias[:channels] = (encode.bias[:channels] - mean) / std
+    encode.bias[channels:] -= 2 * torch.log(std)
+    decode.bias += (decode.weight[:, :, 0, 0] @ mean[:, None])[:, 0]
+    decode.weight *= std[None, :, None, None]
+
+
 def _lr_factor(step: int, fit: DemoVaeFit) -> float:
     """Linear warm-up, then cosine decay to 0."""
     if step < fit.warmup_steps:
@@ -172,9 +193,12 @@ def fit_demo_vae(out_dir: str | Path, fit: DemoVaeFit = DemoVaeFit(), progress: 
             schedule.step()
             bar.set_postfix(l1=f"{reconstruction_loss.item():.4f}")
     vae.eval()
-    held_out, means = evaluate(vae, held_out_frames(fit))
-    # One scale and one shift for all channels, as diffusers stores them: the cache and the
-    # diffusion model then see latents of mean 0 and std 1 over all channels together.
+    frames = held_out_frames(fit)
+    _, means = evaluate(vae, frames)
+    balance_latent_channels(vae, means.mean(dim=1), means.std(dim=1))
+    held_out, means = evaluate(vae, frames)
+    # One scale and one shift for all channels, as diffusers stores them (about 1 and 0 once the
+    # channels are balanced): the diffusion model sees latents of mean 0 and std 1.
     shift, scale = means.mean().item(), 1.0 / means.std().item()
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -88,8 +88,10 @@ def check_sampling(config: InferenceConfig, conditioned_by: str | None) -> None:
     if MODEL_SIZES[config.model.type].family is Family.DIT:
         message = f"{conditioned_by}: model {config.model.type} cannot condition on frames; use an STDiT model"
         raise FieldError(conditioned_by, message)
-    if config.scheduler.type != "iddpm":
-        message = f"{conditioned_by}: scheduler {config.scheduler.type!r} cannot condition on frames; use 'iddpm'"
+    if config.scheduler.type == "dpm-solver":
+        message = (
+            f"{conditioned_by}: scheduler {config.scheduler.type!r} cannot condition on frames; use 'iddpm' or 'rflow'"
+        )
         raise FieldError(conditioned_by, message)
 
 
@@ -246,6 +248,7 @@ class Sampler:
             config.scheduler.num_sampling_steps,
             config.scheduler.cfg_scale,
             config.scheduler.cfg_channel,
+            **config.scheduler.rflow_options,
         )
         y, y_mask = self.text.encode([item.prompt for item in items])  # (B, L, D), (B, L)
         both = torch.cat([y.to(dtype), self.model.null_caption(batch, y.shape[1]).to(device=device, dtype=dtype)])
@@ -263,7 +266,8 @@ class Sampler:
 
         def sample_clip(reference, edit):
             noise = torch.randn((batch, *shape), generator=generator, device=device)
-            return scheduler.sample(model_fn, noise, reference, edit, generator=generator, progress=progress)
+            return scheduler.sample(model_fn, noise, reference, edit, generator=generator, progress=progress,
+                                    sizes=(*config.image_size, shape[1]))  # fmt: skip
 
         latents = sample_long(sample_clip, conditions, config.long_video, shape, device)
         video = self.vae.decode(latents.to(dtype)).float()  # (B, 3, T, H, W) in about [-1, 1]
@@ -281,8 +285,9 @@ class Sampler:
         return Conditioning(item.masks, latents, item.frames)
 
 
-def sample(config: InferenceConfig) -> list[Path]:
-    """Generate one video per prompt into `save_dir`; returns their paths."""
+def sample(config: InferenceConfig, sampler: Sampler | None = None) -> list[Path]:
+    """Generate one video per prompt into `save_dir`; returns their paths. A `sampler` given
+    (its models loaded for a config of the same models) is used instead of loading them."""
     items = prepare_prompts(config)  # every input checked before a model loads
     if config.model.from_pretrained is None:
         print("note: model.from_pretrained is not set: sampling with untrained weights (pass --ckpt-path)",
@@ -291,7 +296,7 @@ def sample(config: InferenceConfig) -> list[Path]:
         weights = resolve_weights(config.model.from_pretrained)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, from_pretrained=weights))
         print(f"weights: {weights}", file=sys.stderr)
-    sampler = Sampler(config)
+    sampler = sampler or Sampler(config)
     save_dir = Path(config.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     frames = config.long_video.total_frames

@@ -19,6 +19,7 @@ from pipelines.cache import Cache, check_cache_matches
 from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment
 from pipelines.cluster import connect
 from pipelines.config import ConfigError, TrainConfig, format_config
+from pipelines.preview import Previewer, PreviewTask
 from pipelines.train_data import CacheBatches, plan_epoch
 from pipelines.trainer import TrainJob, train_worker
 
@@ -119,7 +120,12 @@ def train(
 
 
 class RayHooks:
-    """Ray Train's part in a worker: its latest checkpoint after a restart, and reporting ours."""
+    """Ray Train's part in a worker: its latest checkpoint after a restart, reporting ours, and
+    previews in an actor of their own on this node, at the lowest CPU priority."""
+
+    def __init__(self) -> None:
+        self.previewer = None  # the Previewer actor, started with the first preview
+        self.previews: list = []  # ObjectRefs of the previews asked for
 
     def resumed(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
@@ -131,6 +137,29 @@ class RayHooks:
         import ray.train
 
         ray.train.report({"global_step": global_step}, checkpoint=ray.train.Checkpoint.from_directory(str(scratch)))
+
+    def preview(self, task: PreviewTask) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self.previewer is None:
+            # On this node (the weights are on its disk), reserving no CPU: the workers hold
+            # them, and a niced process only takes what they leave.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.previewer = ray.remote(num_cpus=0, scheduling_strategy=here)(Previewer).remote(niced=True)
+        self.previews.append(self.previewer.render.remote(task))
+
+    def finish(self) -> None:
+        import ray
+
+        pending = [ref for ref in self.previews if not ray.wait([ref], timeout=0)[0]]
+        if pending:
+            print(f"training done; waiting for {len(pending)} preview(s) to finish", flush=True)
+        for ref in self.previews:
+            try:
+                print(f"preview: {ray.get(ref)}", flush=True)
+            except Exception as error:  # a failed preview loses a picture, never the training
+                print(f"warning: a preview failed: {error}", flush=True)
 
 
 def ray_worker(loop_config: dict) -> None:

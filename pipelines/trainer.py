@@ -28,9 +28,18 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from pipelines.cache import Cache
-from pipelines.checkpoint import TrainState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import (
+    EMA,
+    TrainState,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_tensors,
+)
 from pipelines.config import ConfigError, TrainConfig, format_config
 from pipelines.models import load_model, size_inputs
+from pipelines.preview import WEIGHTS, Previewer, PreviewTask, is_preview_step, preview_dir, preview_size
 from pipelines.train_data import CacheBatches, plan_epoch, seed_of
 
 
@@ -61,14 +70,32 @@ class WorkerHooks(Protocol):
         the call returns."""
         ...
 
+    def preview(self, task: PreviewTask) -> None:
+        """Render one step's previews (rank 0), away from the training step where the runner can."""
+        ...
+
+    def finish(self) -> None:
+        """Training is over: wait for what `preview` started."""
+        ...
+
 
 class LocalHooks:
-    """One process, no runner: nothing to resume from but the experiment, nothing to report."""
+    """One process, no runner: nothing to resume from but the experiment, nothing to report;
+    previews are rendered in place (the step waits for them)."""
+
+    def __init__(self) -> None:
+        self.previewer = Previewer()
 
     def resumed(self) -> contextlib.AbstractContextManager[Path | None]:
         return contextlib.nullcontext(None)
 
     def saved(self, global_step: int, scratch: Path) -> None:
+        pass
+
+    def preview(self, task: PreviewTask) -> None:
+        self.previewer.render(task)
+
+    def finish(self) -> None:
         pass
 
 
@@ -135,7 +162,8 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     x = batch["x"]  # (B, C, T, h, w)
     torch.manual_seed(seed_of(*key, "model"))  # caption dropout inside the model
     generator = torch.Generator().manual_seed(seed_of(*key, "diffusion"))
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator).to(x.device)  # (B,)
+    t = diffusion.sample_timesteps(x.shape[0], generator, (batch["height"].cpu(), batch["width"].cpu(), x.shape[2]))
+    t = t.to(x.device)  # (B,)
     noise = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, T, h, w)
     sizes = size_inputs(model_type, x.shape[0], x.device, batch["height"], batch["width"], batch["num_frames"],
                         batch["fps"])  # fmt: skip
@@ -277,7 +305,7 @@ def fixed_latent_size(config: TrainConfig) -> tuple[int, int, int] | None:
 
 def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> None:
     """Train from the job's data position to `total_steps`, checkpointing on the way."""
-    from sora_model.diffusion import IDDPM
+    from sora_model.diffusion import build_scheduler
 
     config = job.config
     torch.manual_seed(config.seed)
@@ -289,7 +317,9 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
     if config.grad_checkpoint:
         apply_activation_checkpointing(model)
     engine = build_engine(model, config)
-    diffusion = IDDPM(timestep_respacing=config.scheduler.timestep_respacing)
+    scheduler = config.scheduler
+    diffusion = build_scheduler(scheduler.type, timestep_respacing=scheduler.timestep_respacing,
+                                **scheduler.rflow_options)  # fmt: skip
     state = TrainState()
     # Where to continue from: the runner's checkpoint (after a restart), else `--load`, else
     # the newest complete checkpoint of this experiment.
@@ -320,11 +350,27 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
         if eval_batches and (state.global_step % (config.eval_every or config.ckpt_every) == 0 or done):
             log.record_eval(state.global_step, evaluate(engine.module, diffusion, data, eval_batches,
                                                         config.model.type, engine.device))  # fmt: skip
-        if state.global_step % config.ckpt_every == 0 or done:
+        saved = state.global_step % config.ckpt_every == 0 or done
+        if saved:
             folder = checkpoint_dir(job.experiment, state.global_step)
             save_checkpoint(folder, engine, ema, state, format_config(config), rank, on_saved=hooks.saved)
+        if ema is not None and is_preview_step(config, state.global_step, done):
+            hooks.preview(preview_task(job, ema, state.global_step, data.cache, saved))
     if log is not None:
         log.close()
+    hooks.finish()
+
+
+def preview_task(job: TrainJob, ema: torch.nn.Module, global_step: int, cache: Cache, saved: bool) -> PreviewTask:
+    """The previews of this step, from the EMA weights its checkpoint holds (or written for them)."""
+    out = preview_dir(job.experiment, global_step)
+    if saved:
+        weights = checkpoint_dir(job.experiment, global_step) / EMA
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        weights = out / WEIGHTS
+        save_tensors(ema, weights)
+    return PreviewTask(job.config, weights, preview_size(cache.manifest["buckets"]), out, global_step)
 
 
 @contextlib.contextmanager

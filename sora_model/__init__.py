@@ -14,9 +14,10 @@ Files:
     long_video.py     sampling a long or conditioned video clip by clip
     errors.py         ModelLoadError (no torch import)
     diffusion/
-        __init__.py   IDDPM, the DPM-Solver sampler, classifier-free guidance, `build_scheduler`
+        __init__.py   IDDPM, the DPM-Solver sampler, RFlow, classifier-free guidance, `build_scheduler`
         gaussian.py   Gaussian diffusion as IDDPM defines it: schedules, losses, ancestral sampling
         dpm_solver.py DPM-Solver++ (2M)
+        rflow.py      rectified flow as Open-Sora 1.2 defines it: velocity loss, Euler sampling
 
 Imports: torch, diffusers, transformers, einops and numpy (plus safetensors for weights, tqdm
 for progress and, only when asked for and installed, flash_attn); within the project, only

@@ -73,6 +73,16 @@ def test_recipes_use_the_real_model_names():
     assert mixed.bucket_config["240p"][128] == (1.0, 2)
 
 
+def test_open_sora_1_2_rflow_scheduler_reads(tmp_path: Path):
+    text = 'scheduler = dict(type="rflow", use_timestep_transform=True, sample_method="logit-normal")\n'
+    scheduler = load_config(write(tmp_path, TRAIN_MINIMAL + text), "train").scheduler
+    assert scheduler.rflow_options == {
+        "sample_method": "logit-normal", "loc": 0.0, "scale": 1.0, "use_timestep_transform": True,
+        "transform_scale": 1.0,
+    }  # fmt: skip
+    assert load_config(write(tmp_path, TRAIN_MINIMAL), "train").scheduler.rflow_options == {}  # iddpm
+
+
 def test_seed_arithmetic_is_evaluated():
     config = load_config(ROOT / "configs/opensora/inference/64x512x512.py")
     assert config.fps == 12  # 24 // 2
@@ -200,6 +210,8 @@ def test_unknown_dataset_type_lists_valid_ones(tmp_path: Path):
         ("bucket_config = {'240p': {16: 1.0}}\n", r"bucket_config\['240p'\]\[16\]: expected a tuple"),
         ("num_frames = None\n", r"num_frames must be set when there is no bucket_config"),
         ("batch_size = None\n", r"batch_size must be set when there is no bucket_config"),
+        ('scheduler = dict(type="dpm-solver")\n', r"scheduler: type 'dpm-solver' only samples"),
+        ('scheduler = dict(type="rflow", sample_method="beta")\n', r"scheduler.sample_method: 'beta' is not one of"),
     ],
 )
 def test_bad_training_values_name_file_and_field(tmp_path: Path, text: str, pattern: str):

@@ -98,3 +98,49 @@ def test_the_sd_path_without_shift_is_unchanged():
     raw = vae.module.encode(video[:, :, 0]).latent_dist.mean
     assert torch.equal(mean[:, :, 0], raw * 0.18215)
     assert torch.equal(vae.decode(mean)[:, :, 0], vae.module.decode(mean[:, :, 0] / 0.18215).sample)
+
+
+def test_balancing_gives_every_latent_channel_mean_0_and_std_1_and_keeps_reconstructions(fitted: Path):
+    from pipelines.demo_vae import balance_latent_channels, evaluate, held_out_frames
+
+    vae = AutoencoderKL.from_pretrained(fitted).eval()
+    with torch.no_grad():  # make the channels' spreads differ, as a real fit's do
+        vae.quant_conv.weight[:4] *= torch.tensor([0.5, 3.0, 1.0, 8.0])[:, None, None, None]
+        vae.post_quant_conv.weight /= torch.tensor([0.5, 3.0, 1.0, 8.0])[None, :, None, None]
+    frames = held_out_frames(TINY)
+    before, means = evaluate(vae, frames)
+    with torch.no_grad():
+        unbalanced = [vae.decode(vae.encode(frame).latent_dist.mean).sample for frame in frames]
+        old_logvar = vae.encode(frames[0]).latent_dist.logvar
+    balance_latent_channels(vae, means.mean(dim=1), means.std(dim=1))
+    after, balanced = evaluate(vae, frames)
+    torch.testing.assert_close(balanced.mean(dim=1), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(balanced.std(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for frame, old in zip(frames, unbalanced, strict=True):
+            torch.testing.assert_close(vae.decode(vae.encode(frame).latent_dist.mean).sample, old, atol=1e-4, rtol=1e-4)
+    assert after == pytest.approx(before, abs=1e-3)
+    # The posterior's spread is rescaled with its mean: std' = std / channel std.
+    with torch.no_grad():
+        logvar = vae.encode(frames[0]).latent_dist.logvar
+    expected = old_logvar - 2 * torch.log(means.std(dim=1))[None, :, None, None]
+    torch.testing.assert_close(logvar, expected.clamp(-30.0, 20.0), atol=1e-4, rtol=1e-4)
+
+
+def test_the_fitted_vae_is_balanced(fitted: Path):
+    report = json.loads((fitted / FIT_FILE).read_text())
+    assert report["latent_channel_mean"] == pytest.approx([0.0] * 4, abs=1e-3)
+    assert report["latent_channel_std"] == pytest.approx([1.0] * 4, abs=1e-3)
+    assert report["scaling_factor"] == pytest.approx(1.0, abs=1e-2)
+    assert report["shift_factor"] == pytest.approx(0, abs=1e-3)
+
+
+def test_the_committed_demo_vae_is_balanced_and_reconstructs():
+    from pipelines.demo_vae import evaluate, held_out_frames
+
+    folder = Path(__file__).resolve().parent.parent / "configs" / "demo" / "vae"
+    report = json.loads((folder / FIT_FILE).read_text())
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+    measured, means = evaluate(vae, held_out_frames(DemoVaeFit()))
+    assert measured == pytest.approx(report["held_out_psnr_db"], abs=0.05)
+    torch.testing.assert_close(means.std(dim=1), torch.ones(4), atol=1e-3, rtol=0)

@@ -118,7 +118,7 @@ def test_configs_serve_yaml_is_a_valid_serve_config():
     (app,) = schema.applications
     assert app.import_path == "pipelines.serve:build_app"
     args = ServeArgs.parse(app.args)
-    assert load_config(ROOT / args.config, "inference").model.type == "debug"
+    assert load_config(ROOT / args.config, "inference").model.type == "demo"
     assert {d.name for d in app.deployments} == {"SoraGenerator", "SoraAPI"}
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import run_sora
 
-TOTAL = 24  # steps of the short run (checkpoints at 8, 16, 24)
+TOTAL = 24  # steps of the short run (checkpoints at 8, 16, 24; previews at 12 and 24)
+PREVIEW_PROMPT = "a red circle moves left on a blue background"
 
 
 def losses(experiment: Path) -> list[dict]:
@@ -37,6 +38,8 @@ def trained(clean_cache, schedule, tmp_path_factory) -> tuple[Path, Path]:
         "log_every = 5": "log_every = 1",
         "ckpt_every = 20": "ckpt_every = 8",
         "lr = 1e-4": "lr = 1e-3",
+        'timestep_respacing="",': 'timestep_respacing="", num_sampling_steps=4,',
+        "\nload = None": f"\nload = None\npreview_prompts = [{PREVIEW_PROMPT!r}]\npreview_every = 12",
     }.items():
         assert old in text
         text = text.replace(old, new)
@@ -57,6 +60,42 @@ def test_plan_is_printed_with_buckets_that_yield_nothing(trained, clean_cache, s
     assert result.returncode == 0, result.stderr[-3000:]  # finished already: loads, plans, has nothing to do
     assert f"2 worker(s), {schedule[0]} steps per epoch" in result.stdout
     assert "yields no full batch" in result.stdout
+
+
+def test_previews_are_drawn_from_the_ema_weights_beside_training(trained):
+    experiment = trained[0]
+    previews = experiment / "previews"
+    assert sorted(p.name for p in previews.iterdir()) == ["step-0000012", "step-0000024"]
+    for folder in previews.iterdir():
+        videos = sorted(folder.glob("*.mp4"))
+        assert len(videos) == 1 and videos[0].stat().st_size > 0
+        assert (folder / "samples.csv").read_text().splitlines()[1].endswith(PREVIEW_PROMPT)
+        assert (folder / "contact_sheet.png").stat().st_size > 0
+    # Step 12 wrote no checkpoint: its EMA weights were saved for the preview; step 24's are the checkpoint's.
+    assert (previews / "step-0000012" / "ema.safetensors").is_file()
+    assert not (previews / "step-0000024" / "ema.safetensors").exists()
+    images = [(step, tag) for step, tag, kind in tensorboard_values(experiment / "tensorboard") if kind == "image"]
+    assert images == [(12, "preview"), (24, "preview")]
+    scalars = {tag for _, tag, kind in tensorboard_values(experiment / "tensorboard") if kind == "simple_value"}
+    assert "train/loss" in scalars  # the previews' event file sits beside the training's
+
+
+def tensorboard_values(folder: Path) -> list[tuple[int, str, str]]:
+    """(step, tag, value kind) of every summary value in a TensorBoard folder's event files (TFRecord
+    framing: length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    found = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            found += [(event.step, value.tag, value.WhichOneof("value")) for value in event.summary.value]
+    return sorted(found)
 
 
 def test_the_loss_falls(trained):

@@ -3,6 +3,7 @@
     gaussian.py     GaussianDiffusion: Open-Sora's linear schedule, learned-range variance,
                     the epsilon + VB training loss, respacing, frame masks, ancestral sampling
     dpm_solver.py   DPMSolver: DPM-Solver++(2M) sampling on the same schedule
+    rflow.py        RFlow: Open-Sora 1.2's rectified flow (velocity loss, Euler sampling)
     __init__.py     IDDPM and DPMSolverSampler (the config's scheduler types), guidance on
                     `cfg_channel` channels, and `build_scheduler` picking one by name
 
@@ -18,6 +19,7 @@ import torch
 
 from sora_model.diffusion.dpm_solver import DPMSolver
 from sora_model.diffusion.gaussian import GaussianDiffusion, ModelFn, VarianceType, space_timesteps
+from sora_model.diffusion.rflow import RFlow, timestep_transform
 
 __all__ = [
     "IDDPM",
@@ -25,11 +27,13 @@ __all__ = [
     "DPMSolverSampler",
     "GaussianDiffusion",
     "ModelFn",
+    "RFlow",
     "SchedulerKind",
     "VarianceType",
     "build_scheduler",
     "classifier_free_guidance",
     "space_timesteps",
+    "timestep_transform",
 ]
 
 
@@ -38,6 +42,7 @@ class SchedulerKind(enum.Enum):
 
     IDDPM = "iddpm"
     DPM_SOLVER = "dpm-solver"
+    RFLOW = "rflow"
 
 
 def classifier_free_guidance(model: ModelFn, cfg_scale: float, cfg_channel: int | None) -> ModelFn:
@@ -81,6 +86,10 @@ class IDDPM:
         """Training timesteps (sample t uniformly below this)."""
         return self.train_diffusion.num_timesteps
 
+    def sample_timesteps(self, batch: int, generator: torch.Generator, sizes=None) -> torch.Tensor:
+        """Training steps (batch,), uniform over the (respaced) schedule; `sizes` is unused."""
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator)
+
     def training_losses(
         self,
         model: ModelFn,
@@ -99,6 +108,7 @@ class IDDPM:
         edit: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        sizes=None,
     ) -> torch.Tensor:
         """Sample with guidance; `model` takes the doubled batch [conditional; unconditional]."""
         guided = classifier_free_guidance(model, self.cfg_scale, self.cfg_channel)
@@ -121,6 +131,7 @@ class DPMSolverSampler:
         edit: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        sizes=None,
     ) -> torch.Tensor:
         if edit is not None:
             raise ValueError("conditioning frames (mask_strategy, reference_path) need scheduler type 'iddpm'")
@@ -134,9 +145,13 @@ def build_scheduler(
     cfg_scale: float = 7.0,
     cfg_channel: int | None = 3,
     timestep_respacing: str = "",
-) -> IDDPM | DPMSolverSampler:
-    """The scheduler a config's `scheduler = dict(type=...)` names."""
+    **rflow_options,
+) -> IDDPM | DPMSolverSampler | RFlow:
+    """The scheduler a config's `scheduler = dict(type=...)` names; `rflow_options` are RFlow's
+    (sample_method, loc, scale, use_timestep_transform, transform_scale)."""
     kind = SchedulerKind(kind)
     if kind is SchedulerKind.IDDPM:
         return IDDPM(num_sampling_steps, timestep_respacing, cfg_scale, cfg_channel)
+    if kind is SchedulerKind.RFLOW:  # Open-Sora 1.2 guides every channel: cfg_channel is an IDDPM setting
+        return RFlow(num_sampling_steps, cfg_scale, **rflow_options)
     return DPMSolverSampler(num_sampling_steps, cfg_scale)  # cfg_channel is an IDDPM setting
