@@ -1,7 +1,7 @@
 """Training previews: videos sampled from the EMA weights while training goes on.
 
 With `preview_prompts` set, rank 0 hands each preview step (`preview_every`, default: every
-checkpoint) to `render_previews`, which loads the EMA weights the step wrote, samples one video
+checkpoint) to a `Previewer`, which loads the EMA weights the step wrote, samples one video
 per prompt with the training config's own VAE, text encoder and scheduler, and writes, under
 `<experiment>/previews/step-NNNNNNN/`,
 
@@ -60,7 +60,30 @@ class Previewer:
 
     def render(self, task: PreviewTask) -> Path:
         """Sample one step's previews into `task.out`; returns the contact sheet's path."""
-        return render_previews(self, task)
+        from tensorboardX import SummaryWriter
+
+        from pipelines.contact_sheet import SheetRow, sheet_frames, write_contact_sheet
+        from pipelines.media import read_frames
+        from pipelines.sample import Sampler, sample
+        from sora_model.checkpoint import load_weights
+
+        config = preview_config(task.config, task.weights, task.size, task.out)
+        if self.sampler is None:
+            self.sampler = Sampler(config)
+        else:
+            load_weights(self.sampler.model, task.weights)
+        videos = sample(config, self.sampler)
+        num_frames = task.size[0]
+        rows = [
+            SheetRow(sheet_frames(read_frames(video, np.arange(num_frames))), f"step {task.step}: {prompt}")
+            for video, prompt in zip(videos, config.prompt, strict=True)
+        ]
+        sheet = write_contact_sheet(rows, task.out / SHEET)
+        writer = SummaryWriter(str(task.out.parent.parent / "tensorboard"), filename_suffix=".previews")
+        with Image.open(sheet) as image:
+            writer.add_image("preview", np.asarray(image.convert("RGB")), task.step, dataformats="HWC")
+        writer.close()
+        return sheet
 
 
 def preview_dir(experiment: Path, global_step: int) -> Path:
@@ -101,31 +124,3 @@ def preview_config(config: TrainConfig, weights: Path, size: tuple[int, int, int
         prompt=tuple(config.preview_prompts),
         save_dir=str(out),
     )
-
-
-def render_previews(previewer: Previewer, task: PreviewTask) -> Path:
-    """Sample a step's previews into `task.out`, with `previewer`'s models (loaded on first use)."""
-    from tensorboardX import SummaryWriter
-
-    from pipelines.contact_sheet import SheetRow, sheet_frames, write_contact_sheet
-    from pipelines.media import read_frames
-    from pipelines.sample import Sampler, sample
-    from sora_model.checkpoint import load_weights
-
-    config = preview_config(task.config, task.weights, task.size, task.out)
-    if previewer.sampler is None:
-        previewer.sampler = Sampler(config)
-    else:
-        load_weights(previewer.sampler.model, task.weights)
-    videos = sample(config, previewer.sampler)
-    num_frames = task.size[0]
-    rows = [
-        SheetRow(sheet_frames(read_frames(video, np.arange(num_frames))), f"step {task.step}: {prompt}")
-        for video, prompt in zip(videos, config.prompt, strict=True)
-    ]
-    sheet = write_contact_sheet(rows, task.out / SHEET)
-    writer = SummaryWriter(str(task.out.parent.parent / "tensorboard"), filename_suffix=".previews")
-    with Image.open(sheet) as image:
-        writer.add_image("preview", np.asarray(image.convert("RGB")), task.step, dataformats="HWC")
-    writer.close()
-    return sheet

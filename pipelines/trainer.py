@@ -162,7 +162,7 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     x = batch["x"]  # (B, C, T, h, w)
     torch.manual_seed(seed_of(*key, "model"))  # caption dropout inside the model
     generator = torch.Generator().manual_seed(seed_of(*key, "diffusion"))
-    t = diffusion.sample_timesteps(x.shape[0], generator, (batch["height"].cpu(), batch["width"].cpu(), x.shape[2]))
+    t = diffusion.sample_timesteps(x.shape[0], generator, (batch["height"], batch["width"], x.shape[2]))
     t = t.to(x.device)  # (B,)
     noise = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, T, h, w)
     sizes = size_inputs(model_type, x.shape[0], x.device, batch["height"], batch["width"], batch["num_frames"],

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from sora_model.diffusion.gaussian import ModelFn, mean_flat
+from sora_model.diffusion.guidance import classifier_free_guidance
 
 SAMPLE_METHODS = ("uniform", "logit-normal")
 # The timestep transform's reference: 512x512 pixels, one frame (Open-Sora 1.2).
@@ -141,6 +142,7 @@ class RFlow:
         first falls to edit * T or below it is noised to t and generated from then on.
         Frames with edit 1 are generated from the start, frames with edit 0 never change.
         """
+        guided = classifier_free_guidance(model, self.cfg_scale, None)  # every channel, as Open-Sora 1.2
         x = noise if reference is None else torch.where(edit[:, None, :, None, None] >= 1, noise, reference)
         times = self.sampling_times(x.shape[0], x.device, sizes)
         started = None if edit is None else edit >= 1  # (B, T) frames already being generated
@@ -153,14 +155,8 @@ class RFlow:
                     fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                     x = torch.where(starting[:, None, :, None, None], self.add_noise(x, fresh, t), x)
                 started = active
-            velocity = self._guided(model, x, t, active)
+            velocity = guided(x, t, active)[:, : x.shape[1]]
             next_t = times[i + 1] if i + 1 < len(times) else torch.zeros_like(t)
             stepped = x + velocity * ((t - next_t) / self.num_timesteps)[:, None, None, None, None]
             x = stepped if active is None else torch.where(active[:, None, :, None, None], stepped, x)
         return x
-
-    def _guided(self, model: ModelFn, x: torch.Tensor, t: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        both_mask = None if active is None else torch.cat([active, active])
-        output = model(torch.cat([x, x]), torch.cat([t, t]), both_mask)  # (2B, C', T, H, W)
-        cond, uncond = output[:, : x.shape[1]].chunk(2)
-        return uncond + self.cfg_scale * (cond - uncond)
