@@ -17,7 +17,7 @@ DEMO_LONG_PROMPT ?= a white square moves down on a yellow background
 # make demo-model: where it works, how much demo data, how long (see README, The demo model)
 DEMO_MODEL_DIR ?= demo-model
 DEMO_MODEL_SAMPLES ?= 96
-DEMO_MODEL_EPOCHS ?= 300
+DEMO_MODEL_EPOCHS ?= 150
 # An NVIDIA GPU is present when nvidia-smi lists one.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
@@ -30,7 +30,7 @@ export TRANSFORMERS_OFFLINE := 1
 help:
 	@echo "make demo   set up .venv, make demo data and tiny models, run the pipeline as far as it goes"
 	@echo "make test   set up .venv, lint and run the test suite"
-	@echo "make demo-model  train the committed demo model again (configs/demo/model; about an hour on 2 cores)"
+	@echo "make demo-model  train the committed demo model again (configs/demo/model; about half an hour on 2 cores)"
 	@echo "make bench  run the benchmarks in benchmarks/"
 	@echo "make setup  only create .venv and install the project (idempotent)"
 

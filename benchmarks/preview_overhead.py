@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo" / "train.py"
-STEP_LINE = re.compile(r"^step (\d+)/\d+ epoch \d+ .*samples_per_s ([0-9.e+-]+)", re.MULTILINE)
+# Rank 0's step lines, as Ray forwards them: "(RayTrainWorker pid=...) step 12/60 epoch 1 ... samples_per_s 7.9 ..."
+STEP_LINE = re.compile(r"\bstep (\d+)/\d+ epoch \d+ .*samples_per_s ([0-9.e+-]+)")
 
 
 def run(cache: Path, outputs: Path, steps_per_epoch: int, args, previews: bool) -> tuple[list[float], float]:

@@ -12,21 +12,25 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
     cache.py          the cache: layout, column names, Arrow schema, fingerprint, rejects, reader
     bucket_report.py  `sora bucket-report` from a table or a cache
     plots.py          the bucket report drawn as a PNG (matplotlib)
-    train_data.py     training batches from the cache: epoch plans, windows, posterior draws, masks
+    train_data.py     training batches from the cache: epoch plans, windows, posterior draws, masks, prefetch
+    device.py         GPU or CPU for training: backend, DeepSpeed accelerator and dtype from one decision
     checkpoint.py     checkpoint folders: layout, TrainState, save / load, newest complete one
     trainer.py        the training worker without Ray: engine, step, EMA, log, loop; one process
     train.py          `sora train`: the plan, and the Ray Train job that runs trainer.py's worker
+    preview.py        training previews: sampled from a checkpoint's EMA weights beside training
     cluster.py        joining (or starting) a Ray cluster: one policy for every command
     sample.py         `sora sample`: prompts and references checked, the Sampler, long video
     serve.py          the Ray Serve application (configs/serve.yaml)
     demo_data.py      `sora demo-data`: a small captioned dataset of moving shapes
+    contact_sheet.py  a grid of video frames with a caption under each row (PNG)
     demo_eval.py      `sora demo-eval`: judges demo videos against their captions from the pixels; contact sheet
     demo_vae.py       `sora fit-demo-vae`: a small SD-geometry VAE fitted to demo frames, so the demo can learn
 
 Imports point down: cli.py -> pipelines -> sora_model, bucketing. Inside pipelines,
 the job modules (preprocess, train, sample, serve, bucket_report, demo_eval, demo_vae) import the shared
-ones (config, cache, dataset, media, models, checkpoint, cluster) and never each
-other, except serve, which serves `sample`'s Sampler; trainer.py never imports ray.
+ones (config, cache, dataset, media, models, checkpoint, cluster, device) and never each
+other, except serve, which serves `sample`'s Sampler, and demo_vae, whose fit is judged by
+demo_eval's measurement, as the demo's samples are; trainer.py never imports ray.
 """
 
 from pipelines.config import ConfigError

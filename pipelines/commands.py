@@ -82,9 +82,10 @@ def debug_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     return write_debug_models(out_dir, seed=seed)
 
 
-def fit_demo_vae(out_dir: str | Path, steps: int, seed: int) -> dict[str, Any]:
-    """Fit the demo VAE into OUT_DIR; returns its fit.json content."""
+def fit_demo_vae(out_dir: str | Path, steps: int | None, seed: int) -> dict[str, Any]:
+    """Fit the demo VAE into OUT_DIR (`steps` None: DemoVaeFit's); returns its fit.json content."""
     from pipelines.demo_vae import DemoVaeFit
     from pipelines.demo_vae import fit_demo_vae as run
 
-    return run(out_dir, DemoVaeFit(steps=steps, seed=seed))
+    fit = DemoVaeFit(seed=seed) if steps is None else DemoVaeFit(steps=steps, seed=seed)
+    return run(out_dir, fit)

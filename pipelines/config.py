@@ -46,7 +46,14 @@ MASK_NAMES = (
 
 
 # Open-Sora 1.2 renamed them ("identity", "quarter_head", ...); those files' names are read as these.
-MASK_NAME_ALIASES = {"identity": "mask_no"} | {name.removeprefix("mask_"): name for name in MASK_NAMES[1:]}
+# Before 1.1 the quarter kinds had no "quarter_" (configs/opensora/train/16x256x256-mask.py still
+# says "mask_random", "mask_head", "mask_tail", "mask_head_tail"): the same masks, a block of
+# randint(1, T // 4) frames at a random place, at the head, the tail, or at both ends.
+MASK_NAME_ALIASES = (
+    {"identity": "mask_no"}
+    | {name.removeprefix("mask_"): name for name in MASK_NAMES[1:]}
+    | {name.replace("_quarter", ""): name for name in MASK_NAMES if name.startswith("mask_quarter_")}
+)
 
 
 # Ranges, checked when a file or an override sets the field.
@@ -69,7 +76,7 @@ class ModelConfig:
     from_pretrained: str | None = None  # .pth/.pt, safetensors, or a `sora train` checkpoint folder
     space_scale: float = field(default=1.0, metadata=_at_least(0.0))  # new height / old height
     time_scale: float = field(default=1.0, metadata=_at_least(0.0))  # new / old frame_interval
-    no_temporal_pos_emb: bool = False  # for image-only models
+    no_temporal_pos_emb: bool = False  # DiT only (image models); STDiT ignores it, as Open-Sora's does
     enable_flashattn: bool = False  # uses flash-attn on CUDA when installed, else SDPA
     enable_layernorm_kernel: bool = False  # fused LayerNorm on CUDA when available
     input_sq_size: int = field(default=512, metadata=_at_least(1))  # v1.1: size the pos-emb is scaled to

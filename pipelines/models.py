@@ -43,6 +43,7 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
     `latent_size` (T, H, W) is the fixed input size that STDiT and DiT build their position
     embeddings for; STDiT2 takes any size and ignores it.
     """
+    from sora_model.layers import warn_once
     from sora_model.stdit import build_model
 
     options: dict = {"enable_flashattn": config.enable_flashattn}
@@ -52,9 +53,16 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
     else:
         if latent_size is None:
             raise ConfigError(f"model {config.type} has one fixed size: set image_size and num_frames")
-        options |= {"input_size": tuple(latent_size), "no_temporal_pos_emb": config.no_temporal_pos_emb}
+        options |= {"input_size": tuple(latent_size)}
         if family is Family.STDIT:
             options |= {"space_scale": config.space_scale, "time_scale": config.time_scale}
+            if config.no_temporal_pos_emb:
+                warn_once(
+                    f"model.no_temporal_pos_emb=True is ignored by {config.type}, as Open-Sora's STDiT ignores it "
+                    "(its weights were trained with the temporal position embedding); DiT honours it"
+                )
+        else:
+            options |= {"no_temporal_pos_emb": config.no_temporal_pos_emb}
     return build_model(
         config.type,
         caption_channels,

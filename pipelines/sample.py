@@ -28,6 +28,7 @@ from pipelines.dataset import SAMPLES_TABLE
 from pipelines.media import DecodeError, read_frames, resize_crop, write_mp4
 from pipelines.models import load_model, load_text_encoder, load_vae, size_inputs
 from pipelines.probe import ProbeError, probe
+from sora_model.layers import warn_once
 from sora_model.loading import torch_dtype
 from sora_model.mask_strategy import ConditionError, MaskTuple, check_strategy, frames_needed, parse_mask_strategy
 from sora_model.sizes import MODEL_SIZES, Family
@@ -217,6 +218,8 @@ class Sampler:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Half precision only on a GPU; on CPU it is slower and less exact.
         self.dtype = torch_dtype(config.dtype) if self.device.type == "cuda" else torch.float32
+        if self.dtype != torch_dtype(config.dtype):
+            warn_once(f"dtype {config.dtype!r} needs CUDA: sampling on {self.device.type} computes in fp32")
         self.text = load_text_encoder(config.text_encoder)
         self.text.model.to(self.device)
         self.vae = load_vae(config.vae, self.dtype).to(self.device)

@@ -19,6 +19,7 @@ from pipelines.cache import Cache, check_cache_matches
 from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment
 from pipelines.cluster import connect
 from pipelines.config import ConfigError, TrainConfig, format_config
+from pipelines.device import decide_device
 from pipelines.preview import Previewer, PreviewTask
 from pipelines.train_data import CacheBatches, plan_epoch
 from pipelines.trainer import TrainJob, train_worker
@@ -80,6 +81,9 @@ def train(
     print(plan.format(), end="", flush=True)
     if plan.steps_per_epoch == 0:
         raise ConfigError("no bucket yields a full batch for every worker: lower batch sizes or num_workers")
+    connect(address, local_cpus=max(4, num_workers + 1), log_to_driver=True)
+    device = decide_device(use_gpu, ray.cluster_resources().get("GPU", 0), num_workers, config.dtype)
+    print(device.describe(), flush=True)
     resume = None
     if load is not None:
         resume = latest_checkpoint(load)
@@ -91,23 +95,19 @@ def train(
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / "config.py").write_text(format_config(config))
 
-    # Workers on CPU need DeepSpeed's CPU accelerator, chosen before deepspeed is imported.
-    connect(address, local_cpus=max(4, num_workers + 1), log_to_driver=True,
-            runtime_env=None if use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
     job = TrainJob(
         config=config,
         cache_dir=cache_dir if "://" in cache_dir else str(Path(cache_dir).absolute()),
         experiment=experiment,
         steps_per_epoch=plan.steps_per_epoch,
+        device=device,
         resume=resume,
     )
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=device.use_gpu),
+        torch_config=TorchConfig(backend=device.backend),
         run_config=RunConfig(
             storage_path=str(experiment / "ray"),
             name="run",

@@ -12,11 +12,18 @@ sample of the VAE posterior, and, with `mask_ratios`, a frame mask (Open-Sora 1.
 
 With `eval_fraction`, a share of the samples, chosen by their id alone, is held out: never
 planned for training, read for evaluation with the centred window and the posterior mean.
+
+`Prefetcher` reads, decodes and windows the next batches in a background thread while the
+current step runs (pinned for the copy to CUDA); the batches are the same, since their
+randomness comes from their data position, not from the order of work.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -216,3 +223,53 @@ class CacheBatches:
         for step in range(start_step, plan.steps):
             generator = torch.Generator().manual_seed(seed_of(seed, epoch, step, rank))
             yield step, self.load(plan.batches[rank][step], generator)
+
+
+class Prefetcher:
+    """The items of `items` made `depth` ahead in a background thread; `next` gives (seconds the
+    caller waited, item). Tensors of dict items are pinned when `pin_memory` (for non-blocking
+    copies to CUDA). An error in the thread is raised by `next`; `close` stops the thread."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[dict[str, torch.Tensor]], depth: int = 2, pin_memory: bool = False) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(items, pin_memory), name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, items: Iterator[dict[str, torch.Tensor]], pin_memory: bool) -> None:
+        try:
+            for item in items:
+                if pin_memory:
+                    item = {name: tensor.pin_memory() for name, tensor in item.items()}
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put(error)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[float, dict[str, torch.Tensor]]:
+        started = time.perf_counter()
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return time.perf_counter() - started, item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

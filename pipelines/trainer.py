@@ -38,9 +38,10 @@ from pipelines.checkpoint import (
     save_tensors,
 )
 from pipelines.config import ConfigError, TrainConfig, format_config
+from pipelines.device import DevicePlan, select_accelerator
 from pipelines.models import load_model, size_inputs
 from pipelines.preview import WEIGHTS, Previewer, PreviewTask, is_preview_step, preview_dir, preview_size
-from pipelines.train_data import CacheBatches, plan_epoch, seed_of
+from pipelines.train_data import CacheBatches, Prefetcher, plan_epoch, seed_of
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TrainJob:
     cache_dir: str  # absolute path or URI
     experiment: Path
     steps_per_epoch: int
+    device: DevicePlan  # GPU or CPU, backend, accelerator, dtype: `pipelines.device`
     resume: Path | None = None  # `--load`: the checkpoint to start from
 
     @property
@@ -122,21 +124,19 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_param.mul_(decay).add_(param.detach().float(), alpha=1 - decay)
 
 
-def build_engine(model: torch.nn.Module, config: TrainConfig):
-    """A DeepSpeed ZeRO-2 engine around `model` with AdamW; the process group must exist."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+def build_engine(model: torch.nn.Module, config: TrainConfig, device: DevicePlan):
+    """A DeepSpeed ZeRO-2 engine around `model` with AdamW, on the plan's accelerator and in its
+    precision (DeepSpeed's bf16/fp16 mixed precision on CUDA); the process group must exist."""
+    select_accelerator(device)
     import deepspeed
 
-    on_gpu = torch.cuda.is_available()
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,  # informational: batch sizes vary by bucket
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.grad_clip,
         "zero_optimization": {"stage": 2},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": config.dtype == "bf16" and on_gpu},
-        "fp16": {"enabled": config.dtype == "fp16" and on_gpu},
+        **device.deepspeed_precision(),
         "steps_per_print": 10**9,
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -159,7 +159,8 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     Returns the loss (a detached tensor: reading it syncs the device, so only when logged)
     and the gradient norm before clipping.
     """
-    x = batch["x"]  # (B, C, T, h, w)
+    x = batch["x"]  # (B, C, T, h, w), fp32: the loss is computed in fp32
+    dtype = next(engine.module.parameters()).dtype  # bf16/fp16 under DeepSpeed's mixed precision
     torch.manual_seed(seed_of(*key, "model"))  # caption dropout inside the model
     generator = torch.Generator().manual_seed(seed_of(*key, "diffusion"))
     t = diffusion.sample_timesteps(x.shape[0], generator, (batch["height"], batch["width"], x.shape[2]))
@@ -168,8 +169,8 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     sizes = size_inputs(model_type, x.shape[0], x.device, batch["height"], batch["width"], batch["num_frames"],
                         batch["fps"])  # fmt: skip
 
-    def model_fn(x_t, t, x_mask):  # the diffusion's view of the model: the caption bound
-        return engine(x_t, t, batch["y"], batch["y_mask"], x_mask, **sizes)
+    def model_fn(x_t, t, x_mask):  # the diffusion's view of the model: the caption bound, fp32 in and out
+        return engine(x_t.to(dtype), t, batch["y"].to(dtype), batch["y_mask"], x_mask, **sizes).float()
 
     loss = diffusion.training_losses(model_fn, x, t, noise, batch.get("x_mask"))["loss"].mean()
     engine.backward(loss)
@@ -272,25 +273,22 @@ def _wandb_run(config: TrainConfig, experiment: Path):
     return wandb.init(project="sora", name=experiment.name, dir=str(experiment), config={"model": config.model.type})
 
 
-def _write_worker_info(experiment: Path, world: int, device: torch.device) -> None:
-    """What the worker runs on, and proof that no VAE or text encoder was loaded."""
+def _write_worker_info(experiment: Path, world: int, device: torch.device, dtype: str) -> None:
+    """What the worker runs on and computes in, and proof that no VAE or text encoder was loaded."""
     heavy = [name for name in ("sora_model.vae", "sora_model.text_encoder", "diffusers") if name in sys.modules]
-    info = {"world_size": world, "device": str(device), "encoders_loaded": heavy}
+    info = {"world_size": world, "device": str(device), "dtype": dtype, "encoders_loaded": heavy}
     (experiment / "worker.json").write_text(json.dumps(info) + "\n")
 
 
-def _batches(data: CacheBatches, config: TrainConfig, state: TrainState, rank: int, world: int) -> Iterator[tuple]:
-    """(seconds waited, batch) for this rank from the data position on, epoch after epoch.
-
-    Each epoch's plan is made when the previous epoch ends, from the state the loop advanced.
-    """
+def _batches(data: CacheBatches, config: TrainConfig, epoch: int, step: int, rank: int, world: int) -> Iterator[dict]:
+    """This rank's batches from the data position (epoch, step) on, epoch after epoch, as
+    `TrainState.advance` walks them."""
     rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
     while True:
-        plan = plan_epoch(rows, sizes, config.seed, state.epoch, world)
-        started = time.perf_counter()
-        for _, batch in data.iterate(plan, rank, config.seed, state.epoch, state.step):
-            yield time.perf_counter() - started, batch
-            started = time.perf_counter()
+        plan = plan_epoch(rows, sizes, config.seed, epoch, world)
+        for _, batch in data.iterate(plan, rank, config.seed, epoch, step):
+            yield batch
+        epoch, step = epoch + 1, 0
 
 
 def fixed_latent_size(config: TrainConfig) -> tuple[int, int, int] | None:
@@ -316,7 +314,8 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
     ema = make_ema(model) if rank == 0 else None
     if config.grad_checkpoint:
         apply_activation_checkpointing(model)
-    engine = build_engine(model, config)
+    device = job.device
+    engine = build_engine(model, config, device)
     scheduler = config.scheduler
     diffusion = build_scheduler(scheduler.type, timestep_respacing=scheduler.timestep_respacing,
                                 **scheduler.rflow_options)  # fmt: skip
@@ -333,29 +332,33 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
         )
     log = TrainLog(config, job.experiment, job.total_steps, world) if rank == 0 else None
     if rank == 0:
-        _write_worker_info(job.experiment, world, engine.device)
-    batches = _batches(data, config, state, rank, world)
-    while state.global_step < job.total_steps:
-        wait, batch = next(batches)
-        started = time.perf_counter()
-        batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
-        key = StepKey(config.seed, state.epoch, state.step, rank)  # the data position before this step
-        metrics = train_step(engine, diffusion, batch, config.model.type, key)
-        if ema is not None:
-            update_ema(ema, engine.module, config.ema_decay)
-        state.advance(job.steps_per_epoch)
-        done = state.global_step == job.total_steps
-        if log is not None:
-            log.record(state, metrics, batch["x"].shape[0], wait, time.perf_counter() - started)
-        if eval_batches and (state.global_step % (config.eval_every or config.ckpt_every) == 0 or done):
-            log.record_eval(state.global_step, evaluate(engine.module, diffusion, data, eval_batches,
-                                                        config.model.type, engine.device))  # fmt: skip
-        saved = state.global_step % config.ckpt_every == 0 or done
-        if saved:
-            folder = checkpoint_dir(job.experiment, state.global_step)
-            save_checkpoint(folder, engine, ema, state, format_config(config), rank, on_saved=hooks.saved)
-        if ema is not None and is_preview_step(config, state.global_step, done):
-            hooks.preview(preview_task(job, ema, state.global_step, data.cache, saved))
+        _write_worker_info(job.experiment, world, engine.device, device.dtype)
+    on_cuda = engine.device.type == "cuda"
+    batches = Prefetcher(_batches(data, config, state.epoch, state.step, rank, world), pin_memory=on_cuda)
+    try:
+        while state.global_step < job.total_steps:
+            wait, batch = next(batches)
+            started = time.perf_counter()
+            batch = {name: tensor.to(engine.device, non_blocking=True) for name, tensor in batch.items()}
+            key = StepKey(config.seed, state.epoch, state.step, rank)  # the data position before this step
+            metrics = train_step(engine, diffusion, batch, config.model.type, key)
+            if ema is not None:
+                update_ema(ema, engine.module, config.ema_decay)
+            state.advance(job.steps_per_epoch)
+            done = state.global_step == job.total_steps
+            if log is not None:
+                log.record(state, metrics, batch["x"].shape[0], wait, time.perf_counter() - started)
+            if eval_batches and (state.global_step % (config.eval_every or config.ckpt_every) == 0 or done):
+                log.record_eval(state.global_step, evaluate(engine.module, diffusion, data, eval_batches,
+                                                            config.model.type, engine.device))  # fmt: skip
+            saved = state.global_step % config.ckpt_every == 0 or done
+            if saved:
+                folder = checkpoint_dir(job.experiment, state.global_step)
+                save_checkpoint(folder, engine, ema, state, format_config(config), rank, on_saved=hooks.saved)
+            if ema is not None and is_preview_step(config, state.global_step, done):
+                hooks.preview(preview_task(job, ema, state.global_step, data.cache, saved))
+    finally:
+        batches.close()
     if log is not None:
         log.close()
     hooks.finish()
@@ -374,9 +377,8 @@ def preview_task(job: TrainJob, ema: torch.nn.Module, global_step: int, cache: C
 
 
 @contextlib.contextmanager
-def single_process_group() -> Iterator[None]:
+def single_process_group(backend: str) -> Iterator[None]:
     """A torch.distributed group of this process alone, for DeepSpeed outside a cluster."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}  # what DeepSpeed reads of a launcher
     saved = {name: os.environ.get(name) for name in launcher}
     os.environ.update(launcher)
@@ -395,5 +397,6 @@ def single_process_group() -> Iterator[None]:
 def train_one_process(job: TrainJob) -> None:
     """The worker in this process, world size 1, on this process's device: no Ray involved."""
     job.experiment.mkdir(parents=True, exist_ok=True)
-    with single_process_group():
+    print(job.device.describe(), flush=True)
+    with single_process_group(job.device.backend):
         train_worker(job, rank=0, world=1, hooks=LocalHooks())

@@ -222,7 +222,6 @@ class STDiT(VideoDiTMixin, nn.Module):
         class_dropout_prob: float = 0.1,
         space_scale: float = 1.0,
         time_scale: float = 1.0,
-        no_temporal_pos_emb: bool = False,
         enable_flashattn: bool = False,
     ) -> None:
         super().__init__()
@@ -232,7 +231,6 @@ class STDiT(VideoDiTMixin, nn.Module):
         self.out_channels = 2 * in_channels  # epsilon and the learned variance
         self.patch_size = size.patch_size
         self.space_scale, self.time_scale = space_scale, time_scale
-        self.no_temporal_pos_emb = no_temporal_pos_emb
         # Persistent buffers, as in Open-Sora's checkpoints; recomputed on load and for other sizes.
         self.grid = tuple(s // p for s, p in zip(input_size, size.patch_size, strict=True))  # trained (t, h, w)
         self.register_buffer("pos_embed", self._spatial_pos_embed(self.grid[1], self.grid[2]))
@@ -276,9 +274,9 @@ class STDiT(VideoDiTMixin, nn.Module):
         y = self.y_embedder(y)  # (B, L, D)
         y_mask = caption_mask(y_mask, x.shape[0])  # (B, L) bool, or None
         for index, block in enumerate(self.blocks):  # (B, N, D) -> (B, N, D)
-            # The temporal position embedding enters the first block's temporal attention only.
-            first = index == 0 and not self.no_temporal_pos_emb  # bool
-            block_pos_embed = temporal_pos_embed.to(tokens) if first else None  # (1, t, D)
+            # The temporal position embedding enters the first block's temporal attention only, always:
+            # Open-Sora's STDiT takes `no_temporal_pos_emb` and ignores it, and its weights expect it.
+            block_pos_embed = temporal_pos_embed.to(tokens) if index == 0 else None  # (1, t, D)
             tokens = block(tokens, y, y_mask, t_modulation, frames, block_pos_embed, x_mask, t0_modulation)  # (B, N, D)
         tokens = self.final_layer(tokens, t_emb, x_mask, t0_emb, frames)  # (B, N, patch volume * 2C)
         latent = self.unpatchify(tokens, frames, rows, cols)  # (B, 2C, T, H, W) padded to patch multiples

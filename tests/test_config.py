@@ -350,6 +350,24 @@ def test_later_mask_names_are_read_as_the_1_1_names(tmp_path: Path):
     assert config.mask_ratios == {"mask_no": 0.8, "mask_quarter_random": 0.1, "mask_image_head_tail": 0.1}
 
 
+def test_open_sora_1_0_mask_names_are_the_quarter_masks(tmp_path: Path):
+    """configs/opensora/train/16x256x256-mask.py (Open-Sora v1.1.0 still ships it) is the 1.0
+    training config plus mask_ratios with the names from before the rename: mask_random / head /
+    tail / head_tail are the quarter masks (a block of randint(1, T // 4) frames at a random
+    place, at the head, the tail, at both ends)."""
+    base = (OPENSORA_FILES[0].parent / "v1_0_train_16x256x256.py").read_text()
+    masks = 'mask_ratios = {"mask_no": 0.7, "mask_random": 0.15, "mask_head": 0.05, "mask_tail": 0.05, '
+    masks += '"mask_head_tail": 0.05}\n'
+    config = load_config(write(tmp_path, base + masks), notice=lambda message: None)
+    assert config.mask_ratios == {
+        "mask_no": 0.7,
+        "mask_quarter_random": 0.15,
+        "mask_quarter_head": 0.05,
+        "mask_quarter_tail": 0.05,
+        "mask_quarter_head_tail": 0.05,
+    }
+
+
 def test_file_errors_are_not_blamed_on_a_similar_override(tmp_path: Path):
     path = write(tmp_path, 'save_dir = "x"\nprompt_path = 3\n')
     with pytest.raises(ConfigError, match=rf"^{path}: prompt_path: expected a string"):

@@ -79,6 +79,23 @@ def test_t5_encodes_captions_with_a_mask_of_real_tokens(debug_models):
     torch.testing.assert_close(alone[0, :10], states[0, :10], rtol=1e-4, atol=1e-5)
 
 
+def test_t5_states_say_which_colour_names_the_background(debug_models):
+    """A random T5 gives a colour word the same state in either role (cosine 0.997): the first
+    layer's heads looking at the neighbours make the role show, as a trained T5's context does."""
+    encoder = T5Encoder.from_pretrained(str(debug_models["text_encoder"]), model_max_length=16)
+    captions = ["a red circle moves right on a yellow background", "a yellow circle moves right on a red background"]
+    states, _ = encoder.encode(captions)  # (2, 16, D); "red" and "yellow" are tokens 1 and 7
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(states[0, 7], states[1, 1], dim=0) < 0.8  # "yellow": background against shape
+    assert cosine(states[0, 1], states[1, 7], dim=0) < 0.8  # "red": shape against background
+    assert cosine(states[0, 7], states[1, 7], dim=0) < 0.8  # the background slot: yellow against red
+
+
+def test_the_committed_demo_t5_is_what_debug_models_writes(debug_models):
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo" / "t5"
+    assert digest(demo) == digest(Path(debug_models["text_encoder"]))
+
+
 def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path, debug_models):
     again = write_debug_models(tmp_path / "again", seed=0)
     other = write_debug_models(tmp_path / "other", seed=1)

@@ -135,12 +135,48 @@ def test_the_fitted_vae_is_balanced(fitted: Path):
     assert report["shift_factor"] == pytest.approx(0, abs=1e-3)
 
 
+def test_foreground_weights_count_the_shape_not_the_background():
+    from pipelines.demo_vae import foreground_weights
+
+    frames = torch.full((2, 3, 16, 24), -0.5)
+    frames[0, :, 4:8, 5:9] = 0.75  # a 4x4 shape
+    frames[1, 1, 0:3, 0:3] = 0.2  # a shape in a corner: the border's median is still the background
+    weights = foreground_weights(frames, 10.0)
+    assert weights.shape == (2, 1, 16, 24)
+    expected = torch.ones(2, 1, 16, 24)
+    expected[0, :, 4:8, 5:9] = 10.0
+    expected[1, :, 0:3, 0:3] = 10.0
+    torch.testing.assert_close(weights, expected)
+
+
+COMMITTED = Path(__file__).resolve().parent.parent / "configs" / "demo" / "vae"
+
+
 def test_the_committed_demo_vae_is_balanced_and_reconstructs():
     from pipelines.demo_vae import evaluate, held_out_frames
 
-    folder = Path(__file__).resolve().parent.parent / "configs" / "demo" / "vae"
-    report = json.loads((folder / FIT_FILE).read_text())
-    vae = AutoencoderKL.from_pretrained(folder).eval()
+    report = json.loads((COMMITTED / FIT_FILE).read_text())
+    vae = AutoencoderKL.from_pretrained(COMMITTED).eval()
     measured, means = evaluate(vae, held_out_frames(DemoVaeFit()))
     assert measured == pytest.approx(report["held_out_psnr_db"], abs=0.05)
+    assert measured >= 25.0  # the issue's goal
+    assert report["held_out_colors_kept"] == 1.0
     torch.testing.assert_close(means.std(dim=1), torch.ones(4), atol=1e-3, rtol=0)
+
+
+def test_the_committed_demo_vae_keeps_the_colours_the_diffusion_model_must_learn():
+    """Round trips of demo frames at the demo's training size (144p) are judged as the demo's
+    samples are: they show their scene's background colour and shape colour (measured: 27 of 28,
+    a blue triangle on black reads purple; the VAE fitted without `foreground_weight`: 10 %)."""
+    from pipelines.demo_data import plan_demo, render_frames
+    from pipelines.demo_vae import colors_kept
+
+    vae = AutoencoderKL.from_pretrained(COMMITTED).eval()
+    scenes = []
+    for index, item in enumerate(item for item in plan_demo(40, 7) if item.kind == "video"):
+        height, width = ((144, 256), (256, 144), (192, 192))[index % 3]  # 144p buckets' shapes
+        item = replace(item, width=width, height=height)
+        frame = next(iter(render_frames(item)))
+        scenes.append((item, torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1))
+    assert len(scenes) >= 20
+    assert colors_kept(vae, scenes) >= 0.9

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,11 +98,16 @@ def test_masked_training_counts_generated_frames_only():
         out[:, :4] = torch.where(x_mask[:, None, :, None, None], out[:, :4], torch.full_like(out[:, :4], 9.0))
         return out
 
-    terms = diffusion.training_losses(model, x0, torch.tensor([300, 300]), mask=mask)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    terms = diffusion.training_losses(model, x0, torch.tensor([300, 300]), noise, mask=mask)
     assert terms["mse"].max() < 1e-6  # the wrong outputs on condition frames carry no loss
     assert torch.equal(seen["mask"], mask)
+    # Open-Sora 1.1: condition frames are q_sample(x0, t0 = 0, noise), the same noise as the rest:
+    # sqrt(abar_0) x0 + sqrt(1 - abar_0) noise with abar_0 = 1 - beta_0 = 1 - 1e-4.
     condition = ~mask[:, None, :, None, None].expand_as(x0)
-    assert torch.equal(seen["xt"][condition], x0[condition])  # condition frames stay clean
+    expected = math.sqrt(1 - 1e-4) * x0 + math.sqrt(1e-4) * noise
+    torch.testing.assert_close(seen["xt"][condition], expected[condition])
+    assert (seen["xt"][condition] - x0[condition]).abs().max() > 1e-3  # not clean
 
 
 def test_mean_flat_with_mask_is_the_mean_of_masked_frames():
@@ -287,6 +294,26 @@ def test_respacing_keeps_improved_diffusions_steps():
     # improved-diffusion accumulates the stride and rounds: 21 of 1000 keeps 499 (not 500).
     kept = space_timesteps(1000, "21")
     assert 499 in kept and 500 not in kept and kept[0] == 0 and kept[-1] == 999
+
+
+def test_the_first_call_sees_the_references_in_the_condition_frames():
+    """Open-Sora 1.1 writes the reference latents into the starting latent (apply_mask_strategy
+    on z) before sampling: frames not generated from the first step start as their reference."""
+    steps = 10
+    diffusion = GaussianDiffusion.spaced(str(steps), 1000)
+    reference = torch.full(SHAPE, 0.5)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    edit = torch.tensor([[0.0, 0.5, 1.0, 1.0, 1.0]] * 2)
+    seen = []
+
+    def model(x, timesteps, x_mask):
+        seen.append(x.clone())
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    diffusion.sample(model, noise, reference, edit, torch.Generator().manual_seed(1))
+    first = seen[0]
+    assert torch.equal(first[:, :, :2], reference[:, :, :2])  # edit 0 and 0.5: held, as the reference
+    assert torch.equal(first[:, :, 2:], noise[:, :, 2:])  # generated frames start from the noise
 
 
 def test_edit_ratio_starts_on_open_soras_step():

@@ -172,7 +172,8 @@ def test_the_training_step_needs_no_ray():
 
 # One per command; see pipelines/__init__.py.
 JOBS = {"preprocess", "train", "sample", "serve", "bucket_report", "demo_eval", "demo_vae"}
-JOB_IMPORTS_ALLOWED = {("serve", "sample")}  # serving runs the sampler
+# Serving runs the sampler; the demo VAE's fit is judged by the demo's judge.
+JOB_IMPORTS_ALLOWED = {("serve", "sample"), ("demo_vae", "demo_eval")}
 
 
 def test_job_modules_import_shared_modules_not_each_other():

@@ -311,3 +311,16 @@ def test_mp4_bytes_are_the_same_for_the_same_frames():
     assert decoded.shape == frames.shape
     for got, sent in zip(decoded.mean(axis=-1), frames.mean(axis=-1), strict=True):
         assert np.corrcoef(got.ravel(), sent.ravel())[0, 1] > 0.7  # about 0.89; another frame's: about 0
+
+
+def test_half_precision_on_cpu_says_it_computes_in_fp32(debug_models, tmp_path):
+    import torch
+
+    from pipelines.sample import Sampler
+    from sora_model.layers import warn_once
+
+    config = load_inference(tmp_path, debug_models, {"dtype": "bf16", "num_frames": 2, "image_size": (32, 32)})
+    warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="dtype 'bf16' needs CUDA: sampling on cpu computes in fp32"):
+        sampler = Sampler(config, device="cpu")
+    assert next(sampler.model.parameters()).dtype == torch.float32

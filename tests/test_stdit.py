@@ -432,3 +432,29 @@ def test_stdit_v1_recomputes_the_position_embedding_for_another_grid():
     assert not torch.allclose(square.pos_embed, wide.pos_embed)  # both (1, 256, 24)
     x, t, y = torch.randn(1, 4, 2, 16, 64), torch.tensor([3]), torch.randn(1, 3, 8)  # an 8 x 32 grid
     torch.testing.assert_close(square.eval()(x, t, y), wide.eval()(x, t, y))
+
+
+def test_stdit_always_adds_the_temporal_position_embedding_as_open_sora(monkeypatch):
+    """Open-Sora 1.0's STDiT takes `no_temporal_pos_emb` and ignores it: block 0 always gets the
+    temporal embedding. Here the flag is refused by STDiT, and the config's is ignored with a warning."""
+    from pipelines.config import ModelConfig
+    from pipelines.models import load_model
+
+    with pytest.raises(TypeError):
+        STDiT(ModelSize(Family.STDIT, 1, 24, 2), no_temporal_pos_emb=True)
+    model = STDiT(ModelSize(Family.STDIT, 2, 24, 2), input_size=(3, 8, 8), caption_channels=8, model_max_length=4)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():  # the final layer starts at zero: give every weight a value
+        torch.nn.init.normal_(parameter, std=0.1, generator=generator)
+    model.eval()
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        out = model(x, torch.tensor([500]), y)
+        model.pos_embed_temporal.zero_()  # without the temporal embedding the output differs
+        assert not torch.allclose(model(x, torch.tensor([500]), y), out)
+    from sora_model.sizes import MODEL_SIZES
+
+    monkeypatch.setitem(MODEL_SIZES, "tiny-stdit", ModelSize(Family.STDIT, 1, 24, 2))
+    warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="no_temporal_pos_emb=True is ignored by tiny-stdit, as Open-Sora's STDiT"):
+        load_model(ModelConfig(type="tiny-stdit", no_temporal_pos_emb=True), 8, 4, (1, 4, 4))

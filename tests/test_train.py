@@ -119,6 +119,7 @@ def test_checkpoints_hold_weights_ema_optimizer_state_and_config(trained, schedu
 def test_workers_never_load_the_vae_or_text_encoder(trained):
     info = json.loads((trained[0] / "worker.json").read_text())
     assert info["world_size"] == 2
+    assert info["dtype"] == "fp32"  # on CPU, whatever the config asks
     assert not [name for name in info["encoders_loaded"] if name.startswith("sora_model.")]
 
 
@@ -147,6 +148,14 @@ def test_sequence_parallelism_says_not_yet(clean_cache, tmp_path):
     result = run_sora("train", str(tmp_path / "seq.py"), "--data-path", str(cache), "--outputs", str(tmp_path))
     assert result.returncode == 2
     assert "plugin 'zero2-seq' (sequence parallelism) is not implemented yet" in result.stderr
+
+
+def test_gpu_asked_on_a_cluster_without_gpus_is_a_clear_error(clean_cache, tmp_path):
+    cache, config = clean_cache
+    result = run_sora("train", str(config), "--data-path", str(cache), "--outputs", str(tmp_path / "out"), "--gpu")
+    assert result.returncode == 2
+    assert "--gpu: 1 worker(s) need 1 GPU(s), the cluster has 0; pass --no-gpu to train on CPUs" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing left behind
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(clean_cache, schedule, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -161,3 +162,51 @@ def test_held_out_samples_are_chosen_by_id_and_never_planned(clean_cache):
     frames, stored = first["x"].shape[2], sample.latent_mean.shape[1]
     centre = (stored - frames) // 2
     torch.testing.assert_close(first["x"][0], sample.latent_mean[:, centre : centre + frames].float())
+
+
+def test_prefetcher_gives_the_items_in_order_ahead_of_the_caller():
+    import threading
+
+    from pipelines.train_data import Prefetcher
+
+    made = []
+
+    def items():
+        for index in range(5):
+            made.append(index)
+            yield {"x": torch.full((2,), float(index))}
+
+    prefetcher = Prefetcher(items(), depth=2)
+    deadline = time.monotonic() + 10
+    while len(made) < 3 and time.monotonic() < deadline:  # 2 queued, 1 more waiting to be put
+        time.sleep(0.01)
+    assert made == [0, 1, 2]  # made ahead, and no further than the depth allows
+    got = [item["x"][0].item() for _, item in prefetcher]
+    assert got == [0.0, 1.0, 2.0, 3.0, 4.0]
+    prefetcher.close()
+    assert not any(thread.name == "prefetch" for thread in threading.enumerate())
+
+
+def test_prefetcher_measures_the_wait_raises_errors_and_stops_when_closed():
+    from pipelines.train_data import Prefetcher
+
+    def slow():
+        time.sleep(0.3)
+        yield {"x": torch.zeros(1)}
+        raise ValueError("shard 3 is damaged")
+
+    prefetcher = Prefetcher(slow())
+    wait, _ = next(prefetcher)
+    assert wait >= 0.2  # the caller waited for the first item
+    with pytest.raises(ValueError, match="shard 3 is damaged"):
+        next(prefetcher)
+    prefetcher.close()
+
+    def endless():
+        while True:
+            yield {"x": torch.zeros(1)}
+
+    endless_prefetcher = Prefetcher(endless())
+    next(endless_prefetcher)
+    endless_prefetcher.close()  # returns: the thread stops though its queue is full
+    assert not endless_prefetcher._thread.is_alive()

@@ -19,13 +19,14 @@ from pathlib import Path
 from pipelines.cache import Cache
 from pipelines.config import load_config
 from pipelines.train import make_plan
+from pipelines.device import local_device
 from pipelines.trainer import TrainJob, train_one_process
 
 config_path, cache_dir, experiment, epochs, resume = sys.argv[1:]
 overrides = {"epochs": int(epochs), "log_every": 1, "ckpt_every": 4, "lr": 1e-3, "eval_fraction": 0.25, "eval_every": 2}
 config = load_config(config_path, "train", overrides)
 steps = make_plan(Cache(cache_dir), config, workers=1).steps_per_epoch
-job = TrainJob(config, cache_dir, Path(experiment), steps, Path(resume) if resume else None)
+job = TrainJob(config, cache_dir, Path(experiment), steps, local_device(config.dtype), Path(resume) if resume else None)
 train_one_process(job)
 print(json.dumps({"steps_per_epoch": steps, "ray_loaded": "ray" in sys.modules}))
 """

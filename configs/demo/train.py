@@ -2,10 +2,11 @@
 # `make demo` trains a fresh one for a few minutes with it; `make demo-model` trains the committed
 # demo model (configs/demo/model) with it for longer. Paths resolve against the repository root.
 #
-# What makes it learn (README, "The demo model"): a VAE that reconstructs the demo's frames with
-# balanced latent channels (configs/demo/vae, `sora fit-demo-vae`), rectified flow with
-# logit-normal times (Open-Sora 1.2's scheduler), short clips at the smallest resolution, and
-# a learning rate far above Open-Sora's (the model is 2,000 times smaller).
+# What makes it learn (README, "The demo model"): a VAE that keeps the shapes' colours, with
+# balanced latent channels (configs/demo/vae, `sora fit-demo-vae`), a tiny T5 whose states say
+# which colour word names the background, rectified flow with uniform times (Open-Sora 1.2's
+# scheduler), short clips at the smallest resolution, and a learning rate far above Open-Sora's
+# (the model is 2,000 times smaller).
 
 # Sample size: the bucket_config below decides it per sample.
 num_frames = None
@@ -42,7 +43,7 @@ text_encoder = dict(
 )
 scheduler = dict(
     type="rflow",
-    sample_method="logit-normal",
+    sample_method="uniform",  # see the README: logit-normal rarely trains the pure-noise end
     num_sampling_steps=30,  # previews
     cfg_scale=4.0,
 )

@@ -6,9 +6,12 @@ Training minimises the noise MSE plus the variational bound term that teaches v;
 term sees a detached mean so it trains the variance only.
 
 Frame masks (Open-Sora 1.1) mark which latent frames are generated (True) and which are
-conditions (False): condition frames stay clean in training and carry no loss; in
-sampling, a per-frame *edit ratio* e in [0, 1] keeps a frame frozen at its reference for
-the first (1 - e) of the steps and denoises it from there (0 = always frozen, 1 = generated).
+conditions (False). In training, as Open-Sora 1.1, condition frames are given noised to
+step 0 (q_sample(x0, 0, noise): sqrt(abar_0) x0 + sqrt(1 - abar_0) noise, about 1% noise) and
+carry no loss. In sampling, a per-frame *edit ratio* e in [0, 1] keeps a frame frozen at its
+reference for the first (1 - e) of the steps and denoises it from there (0 = always frozen,
+1 = generated); the references are written into the starting latent, so the first model call
+already sees them in the frames it is told are conditions.
 """
 
 from __future__ import annotations
@@ -203,8 +206,8 @@ class GaussianDiffusion:
         """Per-sample losses (B,) for x0 (B, C, T, H, W) at steps t; `mask` (B, T): True = generated frame."""
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
-        if mask is not None:  # condition frames stay clean
-            xt = torch.where(mask[:, None, :, None, None], xt, x0)
+        if mask is not None:  # condition frames at step 0, with the same noise (Open-Sora 1.1)
+            xt = torch.where(mask[:, None, :, None, None], xt, self.q_sample(x0, torch.zeros_like(t), noise))
         output = model(xt, self._model_timesteps(t), mask)
         channels = x0.shape[1]
         terms = {"mse": mean_flat((noise - output[:, :channels]) ** 2, mask)}
@@ -244,13 +247,14 @@ class GaussianDiffusion:
         With `reference` latents and per-frame `edit` ratios (B, T) in [0, 1], frame f stays
         equal to its reference while the step index i >= edit * steps, starts from the
         reference noised to step i when it first turns active, and is denoised from there.
+        Frames that are not generated from the first step start as their reference.
         """
-        x = noise
         steps = self.num_timesteps
         frames = lambda m: m[:, None, :, None, None]  # noqa: E731  (B, T) -> broadcast over (B, C, T, H, W)
         # (B, T): the step a frame starts at. 0.53 is 0.52999997 in float32, and 53 steps of 100 must
         # not become 52: a tolerance far above float32's error (steps x 6e-8) and far below one step.
         start = None if edit is None else (edit.double() * steps + 1e-4).floor().long()
+        x = noise if start is None else torch.where(frames(start >= steps), noise, reference)
         for i in tqdm(range(steps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             active = None
