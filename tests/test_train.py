@@ -185,7 +185,9 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(clean_cache, sche
                and losses(experiment)[-1]["step"] >= 6):  # fmt: skip
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    # This run's workers only: descendants of its driver (its local Ray), not another job's.
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    workers = [p for p in descendants if "RayTrainWorker" in " ".join(p.cmdline() or [])]
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0].pid, signal.SIGKILL)
     output, _ = process.communicate(timeout=600)
