@@ -139,8 +139,7 @@ def main() -> None:
     from pipelines.device import local_device
     from pipelines.models import load_model
     from pipelines.train_data import CacheBatches, Prefetcher, plan_epoch, seed_of
-    from pipelines.trainer import build_engine, fixed_latent_size, single_process_group
-    from sora_model.diffusion import build_scheduler
+    from pipelines.trainer import build_engine, fixed_latent_size, single_process_group, training_diffusion
     from sora_model.loading import torch_dtype
 
     config = load_config(CONFIG, "train")
@@ -157,9 +156,7 @@ def main() -> None:
         return data.load(refs[index], torch.Generator().manual_seed(seed_of(config.seed, 0, index, 0)))
 
     with single_process_group(device.backend):
-        scheduler = config.scheduler
-        diffusion = build_scheduler(scheduler.type, timestep_respacing=scheduler.timestep_respacing,
-                                    **scheduler.rflow_options)  # fmt: skip
+        diffusion = training_diffusion(config)
 
         torch.manual_seed(config.seed)
         model = load_model(config.model, data.cache.text_dim(), config.text_encoder.model_max_length,

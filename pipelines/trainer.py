@@ -124,6 +124,14 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_param.mul_(decay).add_(param.detach().float(), alpha=1 - decay)
 
 
+def training_diffusion(config: TrainConfig):
+    """The scheduler `config.scheduler` names, as training uses it (IDDPM over all its steps, or rflow)."""
+    from sora_model.diffusion import build_scheduler
+
+    scheduler = config.scheduler
+    return build_scheduler(scheduler.type, timestep_respacing=scheduler.timestep_respacing, **scheduler.rflow_options)
+
+
 def build_engine(model: torch.nn.Module, config: TrainConfig, device: DevicePlan):
     """A DeepSpeed ZeRO-2 engine around `model` with AdamW, on the plan's accelerator and in its
     precision (DeepSpeed's bf16/fp16 mixed precision on CUDA); the process group must exist."""
@@ -303,7 +311,6 @@ def fixed_latent_size(config: TrainConfig) -> tuple[int, int, int] | None:
 
 def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> None:
     """Train from the job's data position to `total_steps`, checkpointing on the way."""
-    from sora_model.diffusion import build_scheduler
 
     config = job.config
     torch.manual_seed(config.seed)
@@ -316,9 +323,7 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
         apply_activation_checkpointing(model)
     device = job.device
     engine = build_engine(model, config, device)
-    scheduler = config.scheduler
-    diffusion = build_scheduler(scheduler.type, timestep_respacing=scheduler.timestep_respacing,
-                                **scheduler.rflow_options)  # fmt: skip
+    diffusion = training_diffusion(config)
     state = TrainState()
     # Where to continue from: the runner's checkpoint (after a restart), else `--load`, else
     # the newest complete checkpoint of this experiment.
