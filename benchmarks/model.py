@@ -49,7 +49,7 @@ def measure(size: str, steps: int) -> dict:
     mask = torch.zeros(1, CAPTION, dtype=torch.bool, device=device)
     mask[:, :REAL_TOKENS] = True
     t = torch.tensor([500], device=device)
-    extra = size_inputs(size, 1, device, height=256, width=256, num_frames=16, fps=8)  # STDiT2 only
+    extra = size_inputs(size, 1, device, height=256, width=256, num_frames=16, fps=8, ar=1.0)  # STDiT2 only
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     def step() -> None:

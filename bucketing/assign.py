@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bucketing.aspect import closest_aspect_index
-from bucketing.config import BucketConfig
+from bucketing.config import BatchSearch, BucketConfig
 
 
 class Drop(enum.IntEnum):
@@ -62,7 +62,8 @@ class Bucket:
     aspect: str
     height: int
     width: int
-    batch_size: int
+    batch_size: int | None  # None when the config gives a search range instead
+    batch_search: BatchSearch | None = None
 
     @property
     def name(self) -> str:
@@ -99,8 +100,10 @@ class Assignments:
         num_frames = int(self.num_frames[row])
         key = list(entry.resolution.table)[self.aspect[row]]
         height, width = entry.resolution.table[key]
-        batch_size = entry.frame_bucket(num_frames).batch_size
-        return Bucket(entry.resolution.name, num_frames, key, height, width, batch_size)
+        frame_bucket = entry.frame_bucket(num_frames)
+        return Bucket(
+            entry.resolution.name, num_frames, key, height, width, frame_bucket.batch_size, frame_bucket.search
+        )
 
 
 def sample_key(sample_id: str) -> int:

@@ -17,13 +17,34 @@ class BucketConfigError(ValueError):
     """A bucket_config entry that cannot be used; the message names the entry."""
 
 
+# Open-Sora's batch-size search (scripts/misc/search_bs.py) starts at 2 and steps by 2 by default.
+SEARCH_START = 2
+SEARCH_STEP = 2
+
+
+@dataclass(frozen=True)
+class BatchSearch:
+    """A batch-size search range, Open-Sora's `(max,)`, `(min, max)` or `(min, max, step)` form."""
+
+    low: int
+    high: int
+    step: int = SEARCH_STEP
+
+    def __str__(self) -> str:
+        return f"{self.low}..{self.high}" + (f" step {self.step}" if self.step != SEARCH_STEP else "")
+
+
 @dataclass(frozen=True)
 class FrameBucket:
-    """One (resolution, num_frames) entry: its keep probability and per-worker batch size."""
+    """One (resolution, num_frames) entry: its keep probability and per-worker batch size.
+
+    keep_prob is compared with a uniform draw, as Open-Sora does: 1 or more always keeps.
+    """
 
     num_frames: int
     keep_prob: float
-    batch_size: int | None  # None only when keep_prob == 0 (the entry excludes)
+    batch_size: int | None  # None when keep_prob == 0 (the entry excludes) or the size is searched
+    search: BatchSearch | None = None  # the range to search a batch size in, instead of batch_size
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,24 @@ class BucketConfig:
         entry = next((e for e in self.resolutions if e.resolution.name == resolution), None)
         found = entry.frame_bucket(num_frames) if entry else None
         return found.batch_size if found else None
+
+    def searched(self) -> list[str]:
+        """The entries whose batch size is a search range, as `bucket_config['240p'][16]: 2..8`."""
+        return [
+            f"bucket_config[{entry.resolution.name!r}][{bucket.num_frames}]: {bucket.search}"
+            for entry in self.resolutions
+            for bucket in entry.frames
+            if bucket.search is not None
+        ]
+
+    def require_batch_sizes(self) -> None:
+        """Raise when a batch size is still a search range: training needs numbers."""
+        if searched := self.searched():
+            raise BucketConfigError(
+                "training needs an integer batch size per bucket; these are Open-Sora's batch-size search "
+                f"ranges: {'; '.join(searched)}. The search (Open-Sora's scripts/misc/search_bs.py) is not "
+                "built here yet: write the batch sizes in, e.g. the range's lower end"
+            )
 
 
 def parse_bucket_config(raw: Mapping[Any, Any], frame_interval: int = 1) -> BucketConfig:
@@ -82,8 +121,10 @@ def _frame_bucket(name: str, num_frames: Any, value: Any) -> FrameBucket:
     if not isinstance(value, tuple | list) or len(value) != 2:
         raise BucketConfigError(f"{where}: expected (keep_prob, batch_size), got {value!r}")
     keep_prob, batch_size = value
-    if isinstance(keep_prob, bool) or not isinstance(keep_prob, int | float) or not 0.0 <= keep_prob <= 1.0:
-        raise BucketConfigError(f"{where}: keep_prob must be a number in [0, 1], got {keep_prob!r}")
+    if isinstance(keep_prob, bool) or not isinstance(keep_prob, int | float) or not keep_prob >= 0.0:
+        raise BucketConfigError(f"{where}: keep_prob must be a number >= 0 (1 or more keeps all), got {keep_prob!r}")
+    if isinstance(batch_size, tuple | list):
+        return FrameBucket(num_frames, float(keep_prob), None, _batch_search(where, batch_size))
     if batch_size is None:
         if keep_prob > 0:
             raise BucketConfigError(
@@ -93,6 +134,22 @@ def _frame_bucket(name: str, num_frames: Any, value: Any) -> FrameBucket:
     elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BucketConfigError(f"{where}: batch_size must be a positive integer or None, got {batch_size!r}")
     return FrameBucket(num_frames, float(keep_prob), batch_size)
+
+
+def _batch_search(where: str, value: tuple | list) -> BatchSearch:
+    """Open-Sora's search forms: (max,), (min, max) or (min, max, step), positive integers, min <= max."""
+    if not 1 <= len(value) <= 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        raise BucketConfigError(
+            f"{where}: a batch-size search range is (max,), (min, max) or (min, max, step) of positive integers, "
+            f"got {tuple(value)!r}"
+        )
+    if len(value) == 1:
+        low, high, step = min(SEARCH_START, value[0]), value[0], SEARCH_STEP
+    else:
+        low, high, step = (*value, SEARCH_STEP)[:3]
+    if low > high:
+        raise BucketConfigError(f"{where}: batch-size search range {tuple(value)!r} has min {low} > max {high}")
+    return BatchSearch(low, high, step)
 
 
 def fixed_bucket_config(

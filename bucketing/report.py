@@ -25,8 +25,8 @@ MAX_EXAMPLES = 3
 class BucketRow:
     bucket: Bucket
     samples: int
-    full_batches: int  # per epoch, of the bucket's batch size
-    leftover: int  # samples that do not fill a last batch
+    full_batches: int | None  # per epoch, of the bucket's batch size (None while it is a search range)
+    leftover: int | None  # samples that do not fill a last batch
     tokens_per_sample: int
     compute_share: float  # of tokens x samples over all buckets
 
@@ -82,8 +82,8 @@ def build_report(
         BucketRow(
             bucket=bucket,
             samples=int(count),
-            full_batches=int(count) // bucket.batch_size,
-            leftover=int(count) % bucket.batch_size,
+            full_batches=None if bucket.batch_size is None else int(count) // bucket.batch_size,
+            leftover=None if bucket.batch_size is None else int(count) % bucket.batch_size,
             tokens_per_sample=tokens_per_sample(bucket),
             compute_share=cost / total_compute,
         )
@@ -130,6 +130,11 @@ def _warnings(report: Report) -> list[str]:
                 f"bucket {row.bucket.name} yields no batch: {row.samples} samples < batch size "
                 f"{row.bucket.batch_size}, so they are never trained on"
             )
+    searched = [row.bucket.name for row in report.buckets if row.full_batches is None]
+    if searched:
+        warnings.append(
+            f"the batch size of {', '.join(searched)} is a search range: `sora train` needs an integer there"
+        )
     if report.rows_in and report.dropped / report.rows_in > DROP_WARNING_SHARE:
         warnings.append(
             f"the config drops {report.dropped / report.rows_in:.0%} of the data "
@@ -154,6 +159,7 @@ def report_to_dict(report: Report) -> dict:
                 "height": row.bucket.height,
                 "width": row.bucket.width,
                 "batch_size": row.bucket.batch_size,
+                "batch_search": row.bucket.batch_search and dataclasses.asdict(row.bucket.batch_search),
                 "samples": row.samples,
                 "full_batches": row.full_batches,
                 "leftover": row.leftover,
@@ -178,9 +184,12 @@ def format_report(report: Report) -> str:
     ]
     for row in report.buckets:
         size = f"{row.bucket.height}x{row.bucket.width}"
+        searched = row.full_batches is None  # a batch-size search range: no batches to count yet
+        batch = str(row.bucket.batch_search) if searched else row.bucket.batch_size
+        batches, leftover = ("-", "-") if searched else (row.full_batches, row.leftover)
         lines.append(
-            f"{row.bucket.name:<22} {size:>10} {row.samples:>8} {row.bucket.batch_size:>6} "
-            f"{row.full_batches:>8} {row.leftover:>9} {row.compute_share:>8.1%}"
+            f"{row.bucket.name:<22} {size:>10} {row.samples:>8} {batch:>6} {batches:>8} {leftover:>9} "
+            f"{row.compute_share:>8.1%}"
         )
     if not report.buckets:
         lines.append("(no sample is in any bucket)")

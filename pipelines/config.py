@@ -118,7 +118,8 @@ class TextEncoderConfig:
 class SchedulerConfig:
     """`scheduler = dict(...)`: the diffusion process for training and sampling."""
 
-    type: Literal["iddpm", "dpm-solver", "rflow"] = "iddpm"
+    # iddpm-speed: Open-Sora's SpeeDiT training (IDDPM with weighted steps); it samples as iddpm.
+    type: Literal["iddpm", "iddpm-speed", "dpm-solver", "rflow"] = "iddpm"
     num_sampling_steps: int = field(default=100, metadata=_at_least(1))
     cfg_scale: float = field(default=7.0, metadata=_at_least(0.0))
     # Guidance acts on the first `cfg_channel` latent channels only (Open-Sora uses 3 of 4);
@@ -200,7 +201,9 @@ class TrainConfig:
     batch_size: int | None = field(default=None, metadata=_at_least(1))  # fixed-size form
     lr: float = field(default=2e-5, metadata=_at_least(0.0))
     grad_clip: float = field(default=1.0, metadata=_at_least(0.0))
-    bucket_config: dict[str, dict[int, tuple[float, int | None]]] | None = None
+    # (keep_prob, batch_size); batch_size may be Open-Sora's search range (max,), (min, max) or
+    # (min, max, step) of its scripts/misc/search_bs.py: the config loads, `sora train` refuses it.
+    bucket_config: dict[str, dict[int, tuple[float, int | tuple[int, ...] | None]]] | None = None
     mask_ratios: dict[str, float] | None = None
     # ours: the pre-encoded cache and the training job
     cache_dir: str = "cache"

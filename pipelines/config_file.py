@@ -113,6 +113,8 @@ def load_file(
         raise ConfigError(not_one_of("kind", kind, list(classes)))
     if "dataset" in raw and kind == "train":
         _merge_dataset_section(raw, path, notice)
+    if kind == "train":
+        _read_sequence_parallel_switch(raw, path, notice)
     overridden = _apply_overrides(raw, overrides or {}, classes[kind])
     context = _Context(path=path, overridden=overridden, notice=notice)
     try:
@@ -185,6 +187,20 @@ def _merge_dataset_section(raw: dict[str, Any], path: str, notice: Callable[[str
                 f"{path}: " + _unknown_key(f"dataset.{key}", key, ["type", "transform_name", *DATASET_FIELDS])
             )
     notice(f"{path}: read data settings from the `dataset` section into the top-level fields")
+
+
+def _read_sequence_parallel_switch(raw: dict[str, Any], path: str, notice: Callable[[str], None]) -> None:
+    """Open-Sora 1.0's 64x512x512-sp.py asks for sequence parallelism with `sp_size = 2` and the model's
+    `enable_sequence_parallelism=True` under plugin "zero2"; here that is plugin "zero2-seq"."""
+    model = raw.get("model")
+    asks = isinstance(model, Mapping) and model.get("enable_sequence_parallelism") is True
+    sp_size = raw.get("sp_size", 1)
+    if asks and isinstance(sp_size, int) and sp_size > 1 and raw.get("plugin", "zero2") == "zero2":
+        raw["plugin"] = "zero2-seq"
+        notice(
+            f"{path}: reading plugin 'zero2' with sp_size={sp_size} and model.enable_sequence_parallelism=True "
+            "as plugin 'zero2-seq' (sequence parallelism)"
+        )
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], cls: type) -> set[str]:

@@ -73,14 +73,19 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
     )
 
 
-def size_inputs(model_type: str, batch: int, device: torch.device, height, width, num_frames, fps) -> dict:
-    """The size conditioning STDiT2 takes, as (batch,) float tensors; nothing for other models.
+SIZE_INPUTS = ("height", "width", "num_frames", "fps", "ar")
+
+
+def size_inputs(model_type: str, batch: int, device: torch.device, **values) -> dict:
+    """The size conditioning STDiT2 takes (SIZE_INPUTS), as (batch,) float tensors; nothing for other models.
 
     Each value is a number or a (batch,) tensor: the sampler gives one size for the whole
-    guidance batch, training gives each sample's own (fps differs within a bucket).
+    guidance batch, training gives each sample's own (fps differs within a bucket). Training and
+    sampling take ar and fps from sora_model.stdit's training_conditions / sampling_conditions.
     """
+    if sorted(values) != sorted(SIZE_INPUTS):
+        raise TypeError(f"size_inputs takes {', '.join(SIZE_INPUTS)}; got {', '.join(values)}")
     if MODEL_SIZES[model_type].family is not Family.STDIT2:
         return {}
-    values = {"height": height, "width": width, "num_frames": num_frames, "fps": fps}
     return {name: torch.as_tensor(value, dtype=torch.float32, device=device).expand(batch)
             for name, value in values.items()}  # fmt: skip

@@ -32,6 +32,7 @@ from sora_model.layers import warn_once
 from sora_model.loading import torch_dtype
 from sora_model.mask_strategy import ConditionError, MaskTuple, check_strategy, frames_needed, parse_mask_strategy
 from sora_model.sizes import MODEL_SIZES, Family
+from sora_model.stdit import sampling_conditions
 
 
 class FieldError(ConfigError):
@@ -255,8 +256,10 @@ class Sampler:
         )
         y, y_mask = self.text.encode([item.prompt for item in items])  # (B, L, D), (B, L)
         both = torch.cat([y.to(dtype), self.model.null_caption(batch, y.shape[1]).to(device=device, dtype=dtype)])
-        sizes = size_inputs(self.config.model.type, 2 * batch, device, *config.image_size, config.num_frames,
-                            config.save_fps)  # fmt: skip
+        height, width = config.image_size
+        ar_fps = sampling_conditions(height, width, config.num_frames, config.fps)  # Open-Sora 1.1's values
+        sizes = size_inputs(self.config.model.type, 2 * batch, device, height=height, width=width,
+                            num_frames=config.num_frames, **ar_fps)  # fmt: skip
 
         def model_fn(x, t, x_mask):  # the guidance batch: [prompts; null captions]
             return self.model(x.to(dtype), t, both, y_mask, x_mask, **sizes).float()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bucketing.config import BucketConfigError
 from pipelines.cache import Cache, check_cache_matches
 from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment
 from pipelines.cluster import connect
@@ -52,6 +53,10 @@ class TrainPlan:
 
 
 def make_plan(cache: Cache, config: TrainConfig, workers: int) -> TrainPlan:
+    try:
+        config.buckets.require_batch_sizes()  # Open-Sora's search form loads, but trains with numbers only
+    except BucketConfigError as error:
+        raise ConfigError(str(error)) from None
     data = CacheBatches(cache, eval_fraction=config.eval_fraction)
     rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
     steps = plan_epoch(rows, sizes, config.seed, 0, workers).steps

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +34,10 @@ import torch
 
 from bucketing.assign import parse_bucket_name
 from bucketing.config import BucketConfig
-from pipelines.cache import FPS, HEIGHT, ID, WIDTH, Cache, sample_from_row
+from pipelines.cache import HEIGHT, ID, PATH, SRC_FPS, WIDTH, Cache, sample_from_row
 from pipelines.config import ConfigError
+from pipelines.probe import IMAGE_EXTENSIONS
+from sora_model.stdit import training_conditions
 
 
 def seed_of(*parts: object) -> int:
@@ -174,6 +177,10 @@ class CacheBatches:
     def load(self, batch: BatchRef, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """One micro-batch: latents (B, C, T, h, w), caption (B, L, D) + mask, conditioning, frame mask.
 
+        The conditioning values are Open-Sora 1.1's (sora_model.stdit.training_conditions): the
+        bucket's height and width, ar = width / height, the file's own fps (not divided by
+        frame_interval; 24 when unknown) and 120 for an image.
+
         Without a generator it is the evaluation view: the centred window, the posterior mean,
         no frame mask.
         """
@@ -203,6 +210,11 @@ class CacheBatches:
         batch_size = len(rows)
         height = torch.tensor([float(row[HEIGHT]) for row in rows])
         width = torch.tensor([float(row[WIDTH]) for row in rows])
+        images = [Path(row[PATH]).suffix.lower() in IMAGE_EXTENSIONS for row in rows]
+        conditions = [
+            training_conditions(row[HEIGHT], row[WIDTH], row[SRC_FPS], image)
+            for row, image in zip(rows, images, strict=True)
+        ]  # Open-Sora 1.1's ar and fps
         out = {
             "x": torch.stack(latents),  # (B, C, T, h, w)
             "y": text,  # (B, L, D), zero past each caption's real tokens
@@ -210,7 +222,8 @@ class CacheBatches:
             "height": height,
             "width": width,
             "num_frames": torch.full((batch_size,), float(frames)),
-            "fps": torch.tensor([float(row[FPS]) for row in rows]),
+            "fps": torch.tensor([c["fps"] for c in conditions], dtype=torch.float32),
+            "ar": torch.tensor([c["ar"] for c in conditions], dtype=torch.float32),
         }
         if self.mask_ratios and generator is not None:
             out["x_mask"] = torch.stack([frame_mask(frames, self.mask_ratios, generator) for _ in rows])

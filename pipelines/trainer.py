@@ -39,7 +39,7 @@ from pipelines.checkpoint import (
 )
 from pipelines.config import ConfigError, TrainConfig, format_config
 from pipelines.device import DevicePlan, select_accelerator
-from pipelines.models import load_model, size_inputs
+from pipelines.models import SIZE_INPUTS, load_model, size_inputs
 from pipelines.preview import WEIGHTS, Previewer, PreviewTask, is_preview_step, preview_dir, preview_size
 from pipelines.train_data import CacheBatches, Prefetcher, plan_epoch, seed_of
 
@@ -174,8 +174,7 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     t = diffusion.sample_timesteps(x.shape[0], generator, (batch["height"], batch["width"], x.shape[2]))
     t = t.to(x.device)  # (B,)
     noise = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, T, h, w)
-    sizes = size_inputs(model_type, x.shape[0], x.device, batch["height"], batch["width"], batch["num_frames"],
-                        batch["fps"])  # fmt: skip
+    sizes = size_inputs(model_type, x.shape[0], x.device, **{name: batch[name] for name in SIZE_INPUTS})
 
     def model_fn(x_t, t, x_mask):  # the diffusion's view of the model: the caption bound, fp32 in and out
         return engine(x_t.to(dtype), t, batch["y"].to(dtype), batch["y_mask"], x_mask, **sizes).float()
@@ -199,8 +198,7 @@ def evaluate(model: torch.nn.Module, diffusion, data: CacheBatches, batches: lis
     for index, ref in enumerate(batches):
         batch = {name: tensor.to(device) for name, tensor in data.load(ref, None).items()}
         x = batch["x"]  # (B, C, T, h, w)
-        sizes = size_inputs(model_type, x.shape[0], device, batch["height"], batch["width"], batch["num_frames"],
-                            batch["fps"])  # fmt: skip
+        sizes = size_inputs(model_type, x.shape[0], device, **{name: batch[name] for name in SIZE_INPUTS})
 
         def model_fn(x_t, t, x_mask, batch=batch, sizes=sizes):
             return model(x_t, t, batch["y"], batch["y_mask"], x_mask, **sizes)

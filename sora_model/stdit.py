@@ -47,6 +47,26 @@ from sora_model.layers import (
 )
 from sora_model.sizes import MODEL_SIZES, Family, ModelSize
 
+# STDiT2's conditioning values as Open-Sora 1.1 gives them, which its released weights learnt
+# (its VariableVideoTextDataset and scripts/inference.py). Training: ar = width / height of the
+# bucket, fps = the video file's own rate (UNKNOWN_FPS when the file does not say), IMAGE_FPS for an
+# image. Sampling: ar = height / width, fps = the config's `fps` (IMAGE_FPS for one frame).
+# The two aspect ratios are each other's inverse; the weights learnt both, so both stay.
+IMAGE_FPS = 120.0
+UNKNOWN_FPS = 24.0
+
+
+def training_conditions(height: float, width: float, src_fps: float, image: bool) -> dict[str, float]:
+    """Open-Sora 1.1's training ar and fps of one sample (its bucket's height and width)."""
+    fps = IMAGE_FPS if image else (src_fps if src_fps > 0 else UNKNOWN_FPS)
+    return {"ar": width / height, "fps": fps}
+
+
+def sampling_conditions(height: float, width: float, num_frames: int, fps: float) -> dict[str, float]:
+    """Open-Sora 1.1's sampling ar and fps for a config's image_size, num_frames and fps."""
+    return {"ar": height / width, "fps": IMAGE_FPS if num_frames == 1 else fps}
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -323,11 +343,11 @@ class STDiT2(VideoDiTMixin, nn.Module):
         initialize_weights(self)
         nn.init.normal_(self.t_block_temp[1].weight, std=0.02)
 
-    def forward(
-        self, x, timestep, y, y_mask=None, x_mask=None, *, height, width, num_frames, fps, ar=None
-    ) -> torch.Tensor:
-        """x (B, C, T, H, W); height/width (pixels), num_frames, fps: (B,) each -> (B, 2C, T, H, W)."""
-        ar = height / width if ar is None else ar  # (B,)
+    def forward(self, x, timestep, y, y_mask=None, x_mask=None, *, height, width, num_frames, fps, ar) -> torch.Tensor:
+        """x (B, C, T, H, W); height/width (pixels), num_frames, fps, ar: (B,) each -> (B, 2C, T, H, W).
+
+        ar and fps as Open-Sora 1.1 gives them: `training_conditions`, `sampling_conditions`.
+        """
         hw_info = self.csize_embedder(torch.stack([height, width], dim=1))  # (B, 2D/3)
         size_info = torch.cat([hw_info, self.ar_embedder(ar[:, None])], dim=1)  # (B, D)
         frame_info = self.fl_embedder(num_frames[:, None].float()) + self.fps_embedder(fps[:, None].float())  # (B, D)

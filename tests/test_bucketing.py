@@ -88,8 +88,11 @@ def test_closest_aspect_is_the_nearest_key(height: int, width: int):
     ("config", "pattern"),
     [
         ({"260p": {16: (1.0, 2)}}, r"unknown resolution '260p'; valid names: 144p, 256, 240p"),
-        ({"240p": {16: (1.5, 2)}}, r"bucket_config\['240p'\]\[16\]: keep_prob must be a number in \[0, 1\], got 1.5"),
-        ({"240p": {16: (-0.1, 2)}}, r"keep_prob must be a number in \[0, 1\]"),
+        ({"240p": {16: (-0.1, 2)}}, r"bucket_config\['240p'\]\[16\]: keep_prob must be a number >= 0 \(1 or more"),
+        ({"240p": {16: ("1", 2)}}, r"keep_prob must be a number >= 0"),
+        ({"240p": {16: (1.0, (4, 2))}}, r"\[16\]: batch-size search range \(4, 2\) has min 4 > max 2"),
+        ({"240p": {16: (1.0, (2, 4, 1, 1))}}, r"search range is \(max,\), \(min, max\) or \(min, max, step\)"),
+        ({"240p": {16: (1.0, (0, 4))}}, r"of positive integers, got \(0, 4\)"),
         ({"240p": {0: (1.0, 2)}}, r"bucket_config\['240p'\]\[0\]: num_frames must be a positive integer"),
         ({"240p": {16: (1.0, 0)}}, r"batch_size must be a positive integer or None, got 0"),
         ({"240p": {16: (0.5, None)}}, r"batch_size is None but keep_prob is 0.5; use \(0.0, None\)"),
@@ -265,6 +268,27 @@ def test_draw_depends_on_seed_key_resolution_and_frames_only():
     assert abs(base.mean() - 0.5) < 0.05
     # The key is blake2b of the id: the same in every process, unlike Python's salted hash().
     assert sample_key("clip.mp4") == int.from_bytes(hashlib.blake2b(b"clip.mp4", digest_size=8).digest(), "little")
+
+
+def test_search_ranges_and_keep_prob_over_one_in_assignment_and_report():
+    """keep_prob >= 1 keeps every sample (Open-Sora draws `rng.random() < keep_prob`); a batch-size search
+    range has no batches to count yet and the report says training needs an integer."""
+    from bucketing.report import format_report, report_to_dict
+
+    config = parse_bucket_config({"240p": {16: (20, (2, 8)), 1: (1.5, 4)}})
+    frames = np.array([20] * 6 + [1] * 5)
+    heights, widths = np.full(11, 240), np.full(11, 426)
+    names = [f"row{i}" for i in range(11)]
+    report = build_report(assign_buckets(config, frames, heights, widths, sample_keys(names), 0), names)
+    assert report.kept == 11
+    searched = next(r for r in report.buckets if r.bucket.num_frames == 16)
+    assert (searched.samples, searched.full_batches, searched.leftover) == (6, None, None)
+    assert str(searched.bucket.batch_search) == "2..8"
+    line = next(line for line in format_report(report).splitlines() if line.startswith("240p-16f"))
+    assert line.split()[3:6] == ["2..8", "-", "-"]
+    assert any("search range" in warning and "240p-16f" in warning for warning in report.warnings)
+    as_dict = next(b for b in report_to_dict(report)["buckets"] if b["num_frames"] == 16)
+    assert as_dict["batch_search"] == {"low": 2, "high": 8, "step": 2} and as_dict["batch_size"] is None
 
 
 def test_report_accounts_for_every_row():

@@ -230,7 +230,7 @@ def test_bad_training_values_name_file_and_field(tmp_path: Path, text: str, patt
         ),
         ("loop = 0\n", r"loop: must be >= 1"),
         ("scheduler = dict(cfg_channel=0)\n", r"scheduler.cfg_channel: must be >= 1"),
-        ("scheduler = dict(type='ddim')\n", r"scheduler.type: 'ddim' is not one of 'iddpm', 'dpm-solver'"),
+        ("scheduler = dict(type='ddim')\n", r"scheduler.type: 'ddim' is not one of 'iddpm', 'iddpm-speed', 'dpm-"),
         ("mask_strategy = [1]\n", r"mask_strategy\[0\]: expected a string, got 1 \(int\)"),
     ],
 )
@@ -397,3 +397,51 @@ def test_dataset_section_list_equals_top_level_tuple(tmp_path: Path):
 def test_per_prompt_lists_match_the_prompts(tmp_path: Path, text: str, pattern: str):
     with pytest.raises(ConfigError, match=pattern):
         load_config(write(tmp_path, INFERENCE_MINIMAL + text), "inference")
+
+
+def test_opensora_speedit_file_trains_with_iddpm_speed():
+    """configs/opensora/train/16x256x256-spee.py: scheduler type 'iddpm-speed' and 1.0's mask names."""
+    from pipelines.trainer import training_diffusion
+    from sora_model.diffusion import IDDPMSpeed
+
+    config = load_config(OPENSORA_FILES[0].parent / "v1_0_train_16x256x256_spee.py", notice=lambda m: None)
+    assert config.scheduler.type == "iddpm-speed"
+    assert isinstance(training_diffusion(config), IDDPMSpeed)
+    assert config.mask_ratios["mask_no"] == 0.5
+
+
+def test_opensora_batch_size_search_form_loads_and_training_refuses_it(tmp_path: Path):
+    """opensora-v1-1/train/benchmark.py: (keep_prob, (min, max[, step])) of scripts/misc/search_bs.py,
+    and keep_prob 20, which Open-Sora's `rng.random() < keep_prob` always keeps."""
+    from bucketing.config import BatchSearch
+    from pipelines.train import make_plan
+
+    config = load_config(OPENSORA_FILES[0].parent / "v1_1_train_benchmark.py", notice=lambda m: None)
+    assert config.bucket_config["720p"] == {1: (20.0, 40), 32: (0.5, (2, 4)), 64: (0.5, (1, 1))}
+    (entry,) = config.buckets.resolutions
+    assert [(b.num_frames, b.keep_prob, b.batch_size, b.search) for b in entry.frames] == [
+        (64, 0.5, None, BatchSearch(1, 1, 2)),
+        (32, 0.5, None, BatchSearch(2, 4, 2)),
+        (1, 20.0, 40, None),
+    ]
+    assert config.buckets.searched() == ["bucket_config['720p'][64]: 1..1", "bucket_config['720p'][32]: 2..4"]
+    refused = r"integer batch size per bucket.*\['720p'\]\[64\]: 1\.\.1.*not built here yet"
+    with pytest.raises(ConfigError, match=refused):
+        make_plan(None, config, workers=1)  # refused before the cache is read
+    # The resolved form loads back the same.
+    again = load_config(write(tmp_path, format_config(config)), "train")
+    assert again.bucket_config == config.bucket_config
+
+
+def test_opensora_sequence_parallel_file_loads_as_zero2_seq():
+    """opensora/train/64x512x512-sp.py asks for sequence parallelism with plugin 'zero2', sp_size=2 and
+    model.enable_sequence_parallelism=True; it loads as plugin 'zero2-seq' with a notice."""
+    notices: list[str] = []
+    config = load_config(OPENSORA_FILES[0].parent / "v1_0_train_64x512x512_sp.py", notice=notices.append)
+    assert (config.plugin, config.sp_size) == ("zero2-seq", 2)
+    assert any("as plugin 'zero2-seq'" in notice for notice in notices)
+
+
+def test_sp_size_without_the_models_switch_still_needs_zero2_seq(tmp_path: Path):
+    with pytest.raises(ConfigError, match="sp_size=2 needs plugin='zero2-seq'"):
+        load_config(write(tmp_path, TRAIN_MINIMAL + "sp_size = 2\n"), "train")

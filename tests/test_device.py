@@ -114,8 +114,9 @@ def test_training_feeds_the_model_its_dtype_and_keeps_the_loss_in_fp32():
         "width": torch.full((2,), 32.0),
         "num_frames": torch.full((2,), 3.0),
         "fps": torch.full((2,), 8.0),
+        "ar": torch.full((2,), 1.0),
     }
-    for kind in ("iddpm", "rflow"):
+    for kind in ("iddpm", "iddpm-speed", "rflow"):
         metrics = train_step(engine, build_scheduler(kind), batch, "STDiT-XL/2", StepKey(0, 0, 0, 0))
         assert metrics["loss"].dtype == torch.float32 and torch.isfinite(metrics["loss"])
     assert engine.seen and set(engine.seen) == {(torch.bfloat16, torch.bfloat16)}

@@ -327,3 +327,63 @@ def test_edit_ratio_starts_on_open_soras_step():
                      torch.Generator().manual_seed(0))  # fmt: skip
     active = [bool(call[0, 1]) for call in calls]  # frame 1 of the first sample, steps 9 .. 0
     assert active == [False] * 5 + [True] * 5
+
+
+# --------------------------------------------------------------------------- iddpm-speed (SpeeDiT)
+
+
+def speedit_reference():
+    """Open-Sora's SpeeDiffusion from its definition, on the linear schedule 1e-4 .. 0.02 over 1000 steps."""
+    alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    slope = np.gradient(np.sqrt(1.0 - alpha_bar))
+    p = np.tanh(1e6 * (slope - 1e-4)) + 1.5
+    snr = 1.0 / (1.0 - alpha_bar) - 1.0
+    return int(np.argmax(slope < 5e-5)) + 1, p / p.sum(), 1.0 / (1.0 + snr)
+
+
+def test_iddpm_speed_draws_weights_and_mirrors_steps_as_speedit():
+    from sora_model.diffusion import IDDPMSpeed, build_scheduler
+
+    speed = build_scheduler("iddpm-speed")
+    assert isinstance(speed, IDDPMSpeed)
+    meaningful, probabilities, weights = speedit_reference()
+    assert speed.meaningful_steps == meaningful == 700
+    np.testing.assert_allclose(speed.probabilities.numpy(), probabilities, rtol=1e-9)
+    np.testing.assert_allclose(speed.weights, weights, rtol=1e-9)
+    np.testing.assert_allclose(speed.weights, 1.0 - speed.train_diffusion.alphas_cumprod, rtol=1e-9)
+    assert probabilities[0] / probabilities[-1] == pytest.approx(5.0)  # 2.5 against 0.5
+    # n // 2 + 1 draws, then their mirrors about meaningful_steps, cut to n.
+    t = speed.sample_timesteps(7, torch.Generator().manual_seed(0))
+    drawn, mirrored = t[:4], t[4:]
+    assert t.shape == (7,)
+    expected = torch.where(drawn < 700, 700 - drawn, drawn - 700)[:3]
+    assert torch.equal(mirrored, expected)
+    # The draws follow the probabilities: the share of steps below 640.
+    many = speed.sample_timesteps(400_000, torch.Generator().manual_seed(1))[:200_001]
+    assert float((many < 640).double().mean()) == pytest.approx(probabilities[:640].sum(), abs=0.005)
+
+
+def test_iddpm_speed_weights_the_mse_only_and_samples_as_iddpm():
+    from sora_model.diffusion import build_scheduler
+
+    plain, speed = build_scheduler("iddpm", num_sampling_steps=5), build_scheduler("iddpm-speed", num_sampling_steps=5)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(SHAPE, generator=generator), torch.randn(SHAPE, generator=generator)
+
+    def model(xt, timesteps, x_mask):  # any fixed function of its input
+        return torch.cat([0.5 * xt, 0.1 * xt.tanh()], dim=1)
+
+    t = torch.tensor([10, 900])
+    a, b = plain.training_losses(model, x0, t, noise), speed.training_losses(model, x0, t, noise)
+    weight = torch.from_numpy(1.0 - speed.train_diffusion.alphas_cumprod[t.numpy()]).float()
+    torch.testing.assert_close(b["mse"], a["mse"] * weight)
+    torch.testing.assert_close(b["vb"], a["vb"])
+    torch.testing.assert_close(b["loss"], a["mse"] * weight + a["vb"])
+
+    def guided(x, timesteps, x_mask):  # the doubled batch [conditional; unconditional]
+        return model(x, timesteps, x_mask)
+
+    start = torch.randn(SHAPE, generator=generator)
+    first = plain.sample(guided, start, generator=torch.Generator().manual_seed(3))
+    second = speed.sample(guided, start, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first, second)

@@ -324,3 +324,25 @@ def test_half_precision_on_cpu_says_it_computes_in_fp32(debug_models, tmp_path):
     with pytest.warns(UserWarning, match="dtype 'bf16' needs CUDA: sampling on cpu computes in fp32"):
         sampler = Sampler(config, device="cpu")
     assert next(sampler.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(("num_frames", "expected_fps"), [(4, 24.0), (1, 120.0)])
+def test_stdit2_is_conditioned_on_open_soras_sampling_values(debug_models, tmp_path, num_frames, expected_fps):
+    """Open-Sora 1.1's scripts/inference.py: ar = height / width, fps = the config's fps (not
+    fps // frame_interval), IMG_FPS = 120 for a single frame; height and width of image_size."""
+    from pipelines.sample import Sampler, prepare_prompts
+
+    overrides = {"num_frames": num_frames, "image_size": (48, 80), "fps": 24, "frame_interval": 3,
+                 "scheduler.num_sampling_steps": 2, "prompt": ["a disc"]}  # fmt: skip
+    config = load_inference(tmp_path, debug_models, overrides)
+    sampler = Sampler(config)
+    seen = []
+    forward = sampler.model.forward
+    sampler.model.forward = lambda *args, **sizes: seen.append(sizes) or forward(*args, **sizes)
+    sampler.generate(prepare_prompts(config), config)
+    assert seen
+    for sizes in seen:
+        assert sizes["height"].tolist() == [48.0, 48.0] and sizes["width"].tolist() == [80.0, 80.0]
+        assert sizes["ar"].tolist() == pytest.approx([48 / 80] * 2)
+        assert sizes["fps"].tolist() == [expected_fps] * 2
+        assert sizes["num_frames"].tolist() == [float(num_frames)] * 2

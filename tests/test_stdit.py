@@ -131,7 +131,8 @@ def visible(model: torch.nn.Module, *modules: torch.nn.Module) -> torch.nn.Modul
 
 def conditioning(batch: int, height=136, width=240, frames=5, fps=8.0) -> dict[str, torch.Tensor]:
     full = lambda value: torch.full((batch,), float(value))  # noqa: E731
-    return {"height": full(height), "width": full(width), "num_frames": full(frames), "fps": full(fps)}
+    sizes = {"height": full(height), "width": full(width), "num_frames": full(frames), "fps": full(fps)}
+    return sizes | {"ar": full(height / width)}  # sampling's aspect ratio
 
 
 def caption(batch: int, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,13 +6,14 @@ import time
 from collections import Counter
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
 from bucketing.assign import parse_bucket_name
 from pipelines.cache import ID, Cache
 from pipelines.config import ConfigError, load_config
-from pipelines.train_data import CacheBatches, frame_mask, plan_epoch
+from pipelines.train_data import BatchRef, CacheBatches, frame_mask, plan_epoch
 
 ROWS = {"144p-16f-0.56": np.arange(9), "144p-1f-1.00": np.arange(5), "240p-8f-1.78": np.arange(1)}
 SIZES = {"144p-16f-0.56": 2, "144p-1f-1.00": 4, "240p-8f-1.78": 2}
@@ -110,6 +111,39 @@ def test_batches_from_the_demo_cache(clean_cache):
         assert step_a == step_b
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_batches_carry_open_soras_training_conditioning_values(clean_cache):
+    """Open-Sora 1.1's VariableVideoTextDataset: ar = width / height of the bucket, fps = the
+    file's own rate (24 when unknown), IMG_FPS = 120 for an image."""
+    cache_dir, _ = clean_cache
+    data = CacheBatches(Cache(cache_dir))
+    seen = {"image": 0, "video": 0}
+    for bucket, count in data.bucket_rows().items():
+        # As a cache made with frame_interval 3 stores it: the effective rate is not what conditions.
+        stored = data.table(bucket)
+        effective = pc.divide(stored.column("src_fps"), 3.0)
+        data._tables[bucket] = stored.set_column(stored.schema.get_field_index("fps"), "fps", effective)
+        table = data.table(bucket).to_pylist()
+        batch = data.load(BatchRef(bucket, tuple(range(count))), torch.Generator().manual_seed(0))
+        for index, row in enumerate(table):
+            image = row["path"].endswith((".png", ".jpg"))
+            seen["image" if image else "video"] += 1
+            assert float(batch["ar"][index]) == pytest.approx(row["width"] / row["height"]), row["path"]
+            expected = 120.0 if image else row["src_fps"]
+            assert float(batch["fps"][index]) == expected, row["path"]
+            assert (float(batch["height"][index]), float(batch["width"][index])) == (row["height"], row["width"])
+    assert seen["image"] and seen["video"]
+
+
+def test_a_video_of_unknown_rate_is_conditioned_on_24_fps():
+    from sora_model.stdit import sampling_conditions, training_conditions
+
+    assert training_conditions(144, 256, 0.0, image=False) == {"ar": 256 / 144, "fps": 24.0}
+    assert training_conditions(144, 256, 30.0, image=False) == {"ar": 256 / 144, "fps": 30.0}
+    assert training_conditions(144, 256, 0.0, image=True)["fps"] == 120.0
+    assert sampling_conditions(144, 256, 16, 24) == {"ar": 144 / 256, "fps": 24}
+    assert sampling_conditions(144, 256, 1, 24)["fps"] == 120.0
 
 
 def test_batch_sizes_come_from_the_bucket_config(clean_cache):

@@ -74,7 +74,7 @@ def test_activation_checkpointing_keeps_keys_and_gradients():
         net.zero_grad()
         torch.manual_seed(1)
         x, y = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 16)
-        sizes = size_inputs("debug", 2, torch.device("cpu"), 64, 64, 3, 8)
+        sizes = size_inputs("debug", 2, torch.device("cpu"), height=64, width=64, num_frames=3, fps=8, ar=1.0)
         net(x, torch.tensor([10, 500]), y, torch.ones(2, 5, dtype=torch.bool), None, **sizes).square().mean().backward()
         return [None if p.grad is None else p.grad.clone() for p in net.parameters()]  # caption dropout: some unused
 

@@ -202,8 +202,12 @@ class GaussianDiffusion:
         t: torch.Tensor,
         noise: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        weights: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample losses (B,) for x0 (B, C, T, H, W) at steps t; `mask` (B, T): True = generated frame."""
+        """Per-sample losses (B,) for x0 (B, C, T, H, W) at steps t; `mask` (B, T): True = generated frame.
+
+        `weights` (num_timesteps,) scales the epsilon MSE of each step, not the VB term (SpeeDiT).
+        """
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         if mask is not None:  # condition frames at step 0, with the same noise (Open-Sora 1.1)
@@ -211,6 +215,8 @@ class GaussianDiffusion:
         output = model(xt, self._model_timesteps(t), mask)
         channels = x0.shape[1]
         terms = {"mse": mean_flat((noise - output[:, :channels]) ** 2, mask)}
+        if weights is not None:
+            terms["mse"] = terms["mse"] * torch.as_tensor(weights, device=t.device)[t].to(terms["mse"].dtype)
         if self.variance is VarianceType.LEARNED_RANGE:
             # The VB term trains the variance only: the mean comes from a detached epsilon.
             frozen = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
