@@ -195,6 +195,47 @@ def train(
     typer.echo(f"experiment: {experiment}")
 
 
+@app.command("search-batch-size")
+def search_batch_size(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Training config with a bucket_config.")],
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory a training process may use, e.g. 16GiB: needed on CPU; on a GPU it defaults to the "
+            "GPU's memory.",
+        ),
+    ] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Search on the GPU (default: if any).")] = None,
+    equalize: Annotated[
+        bool,
+        typer.Option(
+            "--equalize/--no-equalize",
+            help="Give the other buckets the batch whose step time matches the base bucket's (Open-Sora's search).",
+        ),
+    ] = False,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base bucket for --equalize, RES:T (default: the most tokens).")
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Largest batch tried for a bucket given a plain batch size.")
+    ] = 256,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per trial (after one).")] = 2,
+    text_dim: Annotated[
+        int | None, typer.Option("--text-dim", help="Caption width, when the text encoder's cannot be read.")
+    ] = None,
+) -> None:
+    """Find, per bucket, the largest batch whose training step fits the device; print a bucket_config to paste.
+
+    Batch sizes tuned on one GPU model rarely fit another: this measures them where you train.
+    Each trial is real training steps (model, EMA, DeepSpeed ZeRO-2 with AdamW) at the bucket's
+    largest size, in a fresh process. A bucket's candidates are its search range
+    (keep_prob, (min, max[, step])) as in Open-Sora's benchmark.py, or 1..--max-batch.
+    """
+    table = _run(commands.search_batch_size, config_path, max_memory, gpu, equalize, base, max_batch, steps, text_dim)
+    typer.echo(table, nl=False)
+
+
 SAMPLE_HELP = (
     "Generate videos from prompts with a trained model: one mp4 per prompt in save_dir.\n\n"
     "Long video (the seed's Inference-long): --loop clips, each starting from the last "

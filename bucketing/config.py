@@ -88,8 +88,8 @@ class BucketConfig:
         if searched := self.searched():
             raise BucketConfigError(
                 "training needs an integer batch size per bucket; these are Open-Sora's batch-size search "
-                f"ranges: {'; '.join(searched)}. The search (Open-Sora's scripts/misc/search_bs.py) is not "
-                "built here yet: write the batch sizes in, e.g. the range's lower end"
+                f"ranges: {'; '.join(searched)}. `sora search-batch-size CONFIG` finds the largest that fits "
+                "this machine and prints a bucket_config with them written in"
             )
 
 

@@ -17,6 +17,7 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
     checkpoint.py     checkpoint folders: layout, TrainState, save / load, newest complete one
     trainer.py        the training worker without Ray: engine, step, EMA, log, loop; one process
     train.py          `sora train`: the plan, and the Ray Train job that runs trainer.py's worker
+    batch_search.py   `sora search-batch-size`: the largest batch per bucket that fits, trial processes
     preview.py        training previews: sampled from a checkpoint's EMA weights beside training
     cluster.py        joining (or starting) a Ray cluster: one policy for every command
     sample.py         `sora sample`: prompts and references checked, the Sampler, long video
@@ -27,8 +28,9 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
     demo_vae.py       `sora fit-demo-vae`: a small SD-geometry VAE fitted to demo frames, so the demo can learn
 
 Imports point down: cli.py -> pipelines -> sora_model, bucketing. Inside pipelines,
-the job modules (preprocess, train, sample, serve, bucket_report, demo_eval, demo_vae) import the shared
-ones (config, cache, dataset, media, models, checkpoint, cluster, device) and never each
+the job modules (preprocess, train, sample, serve, bucket_report, demo_eval, demo_vae,
+batch_search) import the shared ones (config, cache, dataset, media, models, checkpoint, cluster,
+device, trainer) and never each
 other, except serve, which serves `sample`'s Sampler, and demo_vae, whose fit is judged by
 demo_eval's measurement, as the demo's samples are; trainer.py never imports ray.
 """

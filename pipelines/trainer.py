@@ -321,6 +321,8 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
         apply_activation_checkpointing(model)
     device = job.device
     engine = build_engine(model, config, device)
+    if ema is not None:  # the EMA follows the weights where they are (made before, from the exact fp32 weights)
+        ema.to(engine.device)
     diffusion = training_diffusion(config)
     state = TrainState()
     # Where to continue from: the runner's checkpoint (after a restart), else `--load`, else

@@ -17,6 +17,7 @@ COMMANDS = (
     "preprocess",
     "bucket-report",
     "train",
+    "search-batch-size",
     "sample",
     "demo-data",
     "demo-eval",
@@ -40,6 +41,10 @@ HELP = {
         ["CONFIG"],
         "--data-path --outputs --load --ckpt-path --num-workers --gpu --no-gpu --address --batch-size --lr --epochs "
         "--seed --wandb --no-wandb".split(),
+    ),
+    "search-batch-size": (
+        ["CONFIG"],
+        "--max-memory --gpu --no-gpu --equalize --no-equalize --base --max-batch --steps --text-dim".split(),
     ),
     "sample": (
         ["CONFIG"],

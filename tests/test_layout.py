@@ -171,7 +171,7 @@ def test_the_training_step_needs_no_ray():
 
 
 # One per command; see pipelines/__init__.py.
-JOBS = {"preprocess", "train", "sample", "serve", "bucket_report", "demo_eval", "demo_vae"}
+JOBS = {"preprocess", "train", "sample", "serve", "bucket_report", "demo_eval", "demo_vae", "batch_search"}
 # Serving runs the sampler; the demo VAE's fit is judged by the demo's judge.
 JOB_IMPORTS_ALLOWED = {("serve", "sample"), ("demo_vae", "demo_eval")}
 
