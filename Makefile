@@ -25,13 +25,15 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-model test lint format bench clean help
+.PHONY: setup demo demo-model test lint format bench gpu-check gpu-wheels clean help
 
 help:
 	@echo "make demo   set up .venv, make demo data and tiny models, run the pipeline as far as it goes"
 	@echo "make test   set up .venv, lint and run the test suite"
 	@echo "make demo-model  train the committed demo model again (configs/demo/model; about half an hour on 2 cores)"
 	@echo "make bench  run the benchmarks in benchmarks/"
+	@echo "make gpu-check  the one-call GPU check (benchmarks/gpu_check.py; ~5 min on an H100/H200)"
+	@echo "make gpu-wheels  wheels of the packages a bare GPU machine lacks, into gpu-wheels/ (needs the index)"
 	@echo "make setup  only create .venv and install the project (idempotent)"
 
 setup: $(STAMP)
@@ -112,7 +114,29 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: setup
-	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@# gpu_check.py is the GPU check (make gpu-check), not a CPU benchmark.
+	@for script in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do \
+	  echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# The GPU check runs with the python that has torch: the project's .venv here, the system's on a
+# bare GPU machine (no install there: its torch stays). Wheels in gpu-wheels/ are installed first.
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# DeepSpeed and diffusers with the dependencies a machine with torch and transformers lacks, as
+# wheels (DeepSpeed's ops compile at run time); about 10 MiB, to carry to a machine without a
+# network. GPU_PY is that machine's Python (binary wheels must match it): python3 -c 'import sys; print(sys.version_info[:2])'.
+GPU_PY ?= 3.11
+GPU_WHEELS := diffusers hjson py-cpuinfo ninja msgpack pydantic pydantic-core annotated-types typing-inspection nvidia-ml-py
+gpu-wheels: setup
+	mkdir -p gpu-wheels
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  --dest gpu-wheels $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir gpu-wheels \
+	  "deepspeed==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
+	@du -sh gpu-wheels
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -81,6 +81,7 @@ class ModelConfig:
     enable_layernorm_kernel: bool = False  # fused LayerNorm on CUDA when available
     input_sq_size: int = field(default=512, metadata=_at_least(1))  # v1.1: size the pos-emb is scaled to
     qk_norm: bool = False  # v1.1: RMSNorm on queries and keys
+    compile_blocks: bool = False  # ours: torch.compile each transformer block (worth it on CUDA; keys unchanged)
 
     def __post_init__(self) -> None:
         if self.type not in MODEL_SIZES:

@@ -63,7 +63,7 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
                 )
         else:
             options |= {"no_temporal_pos_emb": config.no_temporal_pos_emb}
-    return build_model(
+    model = build_model(
         config.type,
         caption_channels,
         model_max_length,
@@ -71,6 +71,16 @@ def load_model(config: ModelConfig, caption_channels: int, model_max_length: int
         enable_layernorm_kernel=config.enable_layernorm_kernel,
         **options,
     )
+    if config.compile_blocks:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile every transformer block in place (`nn.Module.compile`: state_dict keys stay
+    Open-Sora's); the first call of each new input shape compiles."""
+    for block in model.blocks:
+        block.compile()
 
 
 SIZE_INPUTS = ("height", "width", "num_frames", "fps", "ar")

@@ -118,3 +118,14 @@ def test_one_process_trains_without_ray_and_resumes_exactly(clean_cache, tmp_pat
     assert sorted(resumed_eval) == list(range(6, total + 1, 2))
     for step, loss in resumed_eval.items():
         assert loss == pytest.approx(evaluated[step], rel=1e-5, abs=1e-6), step
+
+
+def test_compile_blocks_flag_compiles_each_block_and_keeps_the_keys():
+    from pipelines.config import ModelConfig
+    from pipelines.models import load_model
+
+    plain = load_model(ModelConfig(type="debug"), 16, 8)
+    compiled = load_model(ModelConfig(type="debug", compile_blocks=True), 16, 8)
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # Open-Sora's keys, no `_orig_mod.`
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert all(block._compiled_call_impl is None for block in plain.blocks)
