@@ -232,7 +232,9 @@ def search_batch_size(
     largest size, in a fresh process. A bucket's candidates are its search range
     (keep_prob, (min, max[, step])) as in Open-Sora's benchmark.py, or 1..--max-batch.
     """
-    table = _run(commands.search_batch_size, config_path, max_memory, gpu, equalize, base, max_batch, steps, text_dim)
+    options = {"max_memory": max_memory, "gpu": gpu, "equalize": equalize, "base": base, "max_batch": max_batch,
+               "steps": steps, "text_dim": text_dim}  # fmt: skip
+    table = _run(commands.search_batch_size, config_path, **options)
     typer.echo(table, nl=False)
 
 

@@ -52,21 +52,12 @@ def train(
     return run(config, config.cache_dir, config.outputs, config.load, num_workers, gpu, address)  # type: ignore[arg-type]
 
 
-def search_batch_size(
-    config_path: str | Path,
-    max_memory: str | None,
-    gpu: bool | None,
-    equalize: bool,
-    base: str | None,
-    max_batch: int,
-    steps: int,
-    text_dim: int | None,
-) -> str:
-    """The largest batch per bucket that fits; returns the table and a bucket_config to paste."""
+def search_batch_size(config_path: str | Path, **options: Any) -> str:
+    """The largest batch per bucket that fits; returns the table and a bucket_config to paste.
+    `options` are `pipelines.batch_search.search_batch_size`'s."""
     from pipelines.batch_search import search_batch_size as run
 
-    config = load_config(config_path, "train")
-    return run(config, max_memory, gpu, equalize, base, max_batch, steps, text_dim)  # type: ignore[arg-type]
+    return run(load_config(config_path, "train"), **options)  # type: ignore[arg-type]
 
 
 def sample(config_path: str | Path, overrides: Mapping[str, Any]) -> list[Path]:

@@ -65,6 +65,7 @@ class IDDPM:
         self.cfg_channel = cfg_channel
         self.train_diffusion = GaussianDiffusion.spaced(timestep_respacing, num_timesteps)
         self.sample_diffusion = GaussianDiffusion.spaced(num_sampling_steps, num_timesteps)
+        self.weights = None  # per-step weights of the epsilon MSE (iddpm-speed sets them)
 
     @property
     def num_timesteps(self) -> int:
@@ -83,7 +84,7 @@ class IDDPM:
         noise: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        return self.train_diffusion.training_losses(model, x0, t, noise, mask)
+        return self.train_diffusion.training_losses(model, x0, t, noise, mask, weights=self.weights)
 
     def sample(
         self,
@@ -132,16 +133,6 @@ class IDDPMSpeed(IDDPM):
             drawn < self.meaningful_steps, self.meaningful_steps - drawn, drawn - self.meaningful_steps
         )
         return torch.cat([drawn, mirrored])[:batch]
-
-    def training_losses(
-        self,
-        model: ModelFn,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        return self.train_diffusion.training_losses(model, x0, t, noise, mask, weights=self.weights)
 
 
 class DPMSolverSampler:
