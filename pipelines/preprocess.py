@@ -141,8 +141,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+VAE_CHUNK = 16  # frames per VAE call in preprocessing when vae.micro_batch_size is not set
+
+
 class VaeEncode:
-    """VAE stage: posterior mean and log-variance per sample, loaded once per actor."""
+    """VAE stage: posterior mean and log-variance per sample, loaded once per actor. The frames of
+    all the batch's rows of one size are encoded together, in calls of a fixed number of frames."""
 
     def __init__(self, config: TrainConfig) -> None:
         torch.set_num_threads(max(1, int(config.preprocess.vae.num_cpus)))
@@ -150,34 +154,48 @@ class VaeEncode:
         compute = torch_dtype(config.dtype) if self.device.type == "cuda" else torch.float32
         self.vae = load_vae(config.vae, compute).to(self.device)
         self.store = torch_dtype(config.dtype)
+        # Frames per VAE call, always this many (the last call of a batch padded): see encode_many.
+        self.chunk = config.vae.micro_batch_size or VAE_CHUNK
+        if self.device.type == "cuda":  # one algorithm per shape, chosen the same way every run
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        means, logvars, shapes, dtypes = [], [], [], []
+        count = len(batch)
+        means, logvars, shapes, dtypes = [b""] * count, [b""] * count, [[]] * count, [""] * count
         rejects = Rejects(batch)
         started = time.perf_counter()
-        for i, row in enumerate(batch.itertuples(index=False)):
+        videos = {}
+        for i in range(count):
             if rejects.failed(i):
-                means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
                 continue
+            row = batch.iloc[i]
             try:
-                pixels = torch.frombuffer(bytearray(row.frames), dtype=torch.uint8).reshape(list(row.frames_shape))
-                video = (pixels.float() / 127.5 - 1.0)[None].to(self.device)  # (1, 3, F, H, W)
-                # One sample at a time: its latents never depend on what else is in the batch.
-                mean, logvar = self.vae.encode_moments(video)  # (1, 4, F, h, w) each
-                mean_bytes, shape, dtype = cache.tensor_to_bytes(mean[0].to(self.store))
-                logvar_bytes, _, _ = cache.tensor_to_bytes(logvar[0].to(self.store))
-            except Exception as error:  # one bad row must not drop the block
+                pixels = torch.frombuffer(bytearray(row["frames"]), dtype=torch.uint8)
+                videos[i] = (pixels.reshape(list(row["frames_shape"])).float() / 127.5 - 1.0).to(self.device)
+            except Exception as error:  # (3, F, H, W) above; one bad row must not drop the block
                 rejects.set(i, ENCODE, "VAE failed", repr(error))
-                means.append(b""), logvars.append(b""), shapes.append([]), dtypes.append("")
-                continue
-            means.append(mean_bytes), logvars.append(logvar_bytes), shapes.append(shape), dtypes.append(dtype)
+        rows = list(videos)
+        try:  # the frames of every row of one size, in calls of `chunk` frames
+            encoded = dict(zip(rows, self.vae.encode_many([videos[i] for i in rows], self.chunk), strict=True))
+        except Exception:  # then one row at a time, to reject only the rows that fail
+            encoded = {}
+            for i in rows:
+                try:
+                    encoded[i] = self.vae.encode_many([videos[i]], self.chunk)[0]
+                except Exception as error:  # one bad row must not drop the block
+                    rejects.set(i, ENCODE, "VAE failed", repr(error))
+        for i, (mean, logvar) in encoded.items():
+            means[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(mean.to(self.store))
+            logvars[i] = cache.tensor_to_bytes(logvar.to(self.store))[0]
         columns = {
             cache.LATENT_MEAN: means,
             cache.LATENT_LOGVAR: logvars,
             cache.LATENT_SHAPE: shapes,
             cache.LATENT_DTYPE: dtypes,
         }
-        span = [(started, time.perf_counter())] * len(batch)  # for the run's summary
+        frames = sum(videos[i].shape[1] for i in encoded)
+        span = [(started, time.perf_counter(), frames)] * count  # for the run's summary: time and frames
         return rejects.into(batch.drop(columns=["frames", "frames_shape"]), vae_span=span, **columns)
 
 
@@ -443,7 +461,7 @@ def _encode(pending: pd.DataFrame, store: cache.Store, config: TrainConfig, addr
     buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
     counts: Counter[str] = Counter()
     started = time.perf_counter()
-    spans: dict[str, set[tuple[float, float]]] = {"vae": set(), "text": set()}
+    spans: dict[str, set[tuple]] = {"vae": set(), "text": set()}  # (start, end[, frames]) of each call
     for arrived in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
         # Rebuilt column by column: blocks of mixed column types must not reach groupby.
         batch = Rejects(arrived).into(pd.DataFrame({c: arrived[c].tolist() for c in arrived.columns}))
@@ -455,10 +473,14 @@ def _encode(pending: pd.DataFrame, store: cache.Store, config: TrainConfig, addr
             if counts[shard] == expected[shard]:
                 _write_shard(store, shard, pd.concat(buffers.pop(shard)), config.frame_interval)
     total = time.perf_counter() - started
-    busy = {name: sum(end - start for start, end in found) for name, found in spans.items()}
+    busy = {name: sum(span[1] - span[0] for span in found) for name, found in spans.items()}
     # Steady state: from the VAE's first call to its last, how much of the time it was computing.
-    vae_window = max(end for _, end in spans["vae"]) - min(start for start, _ in spans["vae"]) if spans["vae"] else 0.0
-    _log(f"encoded {len(rows)} rows in {total:.1f} s; model time: VAE {busy['vae']:.1f} s, T5 {busy['text']:.1f} s")
+    vae = spans["vae"]
+    vae_window = max(span[1] for span in vae) - min(span[0] for span in vae) if vae else 0.0
+    frames = sum(span[2] for span in vae)
+    rate = f" ({frames / busy['vae']:.1f} frames/s)" if busy["vae"] > 0 else ""
+    _log(f"encoded {len(rows)} rows in {total:.1f} s; model time: VAE {busy['vae']:.1f} s{rate}, "
+         f"T5 {busy['text']:.1f} s")  # fmt: skip
     return {
         "encoded_rows": len(rows),
         "encode_wall_seconds": total,

@@ -71,23 +71,55 @@ class VideoAutoencoderKL(nn.Module):
         """Latent (T, H, W) for a video of the given size."""
         return num_frames, height // self.spatial_stride, width // self.spatial_stride
 
-    def _frames(self, frames: torch.Tensor, fn) -> torch.Tensor:
-        """Apply `fn` to (N, C, H, W) frames in chunks of micro_batch_size."""
-        size = self.micro_batch_size or frames.shape[0]
-        return torch.cat([fn(chunk) for chunk in frames.split(size)], dim=0)
+    def _frames(self, frames: torch.Tensor, fn, fixed: int | None = None) -> torch.Tensor:
+        """Apply `fn` to (N, C, H, W) frames in chunks of micro_batch_size; with `fixed`, in chunks of
+        exactly `fixed` frames, the last one padded with zeros (its padding's outputs dropped)."""
+        size = fixed or self.micro_batch_size or frames.shape[0]
+        outputs = []
+        for chunk in frames.split(size):
+            if fixed and len(chunk) < fixed:
+                padding = chunk.new_zeros((fixed - len(chunk), *chunk.shape[1:]))
+                outputs.append(fn(torch.cat([chunk, padding]))[: len(chunk)])
+            else:
+                outputs.append(fn(chunk))
+        return torch.cat(outputs, dim=0)
 
     @torch.no_grad()
-    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance, both scaled like latents: (B, 4, T, h, w) each."""
+    def encode_moments(self, video: torch.Tensor, fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, both scaled like latents: (B, 4, T, h, w) each.
+
+        With `fixed`, every call of the VAE takes exactly `fixed` frames (see `encode_many`).
+        """
         batch = video.shape[0]
         frames = rearrange(video, "b c t h w -> (b t) c h w").to(self.dtype)  # (B*T, C, H, W)
-        moments = self._frames(frames, lambda x: self.module.encode(x).latent_dist.parameters)
+        moments = self._frames(frames, lambda x: self.module.encode(x).latent_dist.parameters, fixed)
         mean, logvar = moments.chunk(2, dim=1)  # (B*T, 4, h, w) each
         # z' = s * (mean + std * eps - shift): the mean moves and scales, the variance scales by s^2.
         logvar = torch.clamp(logvar, -30.0, 20.0) + 2 * torch.log(torch.tensor(self.scaling_factor))
         mean = (mean - self.shift_factor) * self.scaling_factor
         unflatten = lambda x: rearrange(x, "(b t) c h w -> b c t h w", b=batch)  # noqa: E731
         return unflatten(mean), unflatten(logvar)
+
+    @torch.no_grad()
+    def encode_many(self, videos: list[torch.Tensor], chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`encode_moments` of several videos (3, F_i, H, W) at once: the frames of all videos of one
+        size go through the VAE together, in calls of exactly `chunk` frames (the last padded).
+
+        A frame's latents never depend on which other frames share its call: every call has one
+        shape, so one convolution algorithm, and each frame is computed on its own within it. So
+        a resumed preprocessing run, whose batches hold other rows, writes the same bytes.
+        """
+        results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(videos)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, video in enumerate(videos):
+            by_size.setdefault(tuple(video.shape[-2:]), []).append(index)
+        for indices in by_size.values():
+            joined = torch.cat([videos[i] for i in indices], dim=1)[None]  # (1, 3, sum F_i, H, W)
+            mean, logvar = self.encode_moments(joined, fixed=chunk)  # (1, 4, sum F_i, h, w) each
+            lengths = [videos[i].shape[1] for i in indices]
+            for i, m, v in zip(indices, mean[0].split(lengths, dim=1), logvar[0].split(lengths, dim=1), strict=True):
+                results[i] = (m, v)  # (4, F_i, h, w) each
+        return results  # type: ignore[return-value]
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -128,3 +128,23 @@ def test_vae_moments_are_the_diffusers_posterior_scaled(debug_models):
     decoded = vae.decode(mean)
     expected = vae.module.decode(posterior.mean).sample  # (T, C, H, W)
     torch.testing.assert_close(decoded[0].permute(1, 0, 2, 3), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_many_gives_each_video_the_same_bytes_whatever_shares_its_calls(debug_models):
+    """Preprocessing encodes the frames of a batch's rows together, in calls of a fixed number of
+    frames: a video's latents must not depend on its neighbours, so a resumed run writes the same cache."""
+    from sora_model.vae import VideoAutoencoderKL
+
+    vae = VideoAutoencoderKL.from_pretrained(str(debug_models["vae"]))
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 5, 32, 48, generator=generator) * 2 - 1, torch.rand(3, 3, 32, 48, generator=generator) * 2 - 1
+    c = torch.rand(3, 2, 48, 32, generator=generator) * 2 - 1  # another size: its own calls
+    together = vae.encode_many([a, c, b], chunk=4)
+    alone = [vae.encode_many([video], chunk=4)[0] for video in (a, c, b)]
+    for (mean, logvar), (mean_alone, logvar_alone), video in zip(together, alone, (a, c, b), strict=True):
+        assert mean.shape == (4, video.shape[1], video.shape[2] // 8, video.shape[3] // 8)
+        assert torch.equal(mean, mean_alone) and torch.equal(logvar, logvar_alone)
+    # The same posterior as encoding each video by itself, up to rounding.
+    mean, logvar = vae.encode_moments(a[None])
+    torch.testing.assert_close(together[0][0], mean[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together[0][1], logvar[0], rtol=1e-4, atol=1e-5)

@@ -2,7 +2,10 @@
 # samples captions of its training clips. `make demo` runs it and judges the videos.
 
 num_frames = 8
-fps = 8
+# The model was trained on every other frame (frame_interval 2) of clips of 8 to 30 fps: it is
+# conditioned on 24 fps and the videos are saved at 24 // 2 = 12 fps.
+fps = 24
+frame_interval = 2
 image_size = (144, 256)
 
 model = dict(

@@ -10,7 +10,7 @@
 
 # Sample size: the bucket_config below decides it per sample.
 num_frames = None
-frame_interval = 1
+frame_interval = 2  # every other frame: twice the motion per latent frame (see the README)
 image_size = None
 
 # Dataset: `sora demo-data demo/data`
