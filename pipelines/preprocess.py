@@ -141,6 +141,7 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+NON_FINITE = "non-finite"  # an encoder's output with NaN or Inf: rejected, never cached
 VAE_CHUNK = 16  # frames per VAE call in preprocessing when vae.micro_batch_size is not set
 
 
@@ -185,9 +186,13 @@ class VaeEncode:
                     encoded[i] = self.vae.encode_many([videos[i]], self.chunk)[0]
                 except Exception as error:  # one bad row must not drop the block
                     rejects.set(i, ENCODE, "VAE failed", repr(error))
-        for i, (mean, logvar) in encoded.items():
-            means[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(mean.to(self.store))
-            logvars[i] = cache.tensor_to_bytes(logvar.to(self.store))[0]
+        for i, (mean, logvar) in list(encoded.items()):
+            mean, logvar = mean.to(self.store), logvar.to(self.store)
+            if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+                rejects.set(i, ENCODE, NON_FINITE, "the VAE's latents hold NaN or Inf")
+                continue
+            means[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(mean)
+            logvars[i] = cache.tensor_to_bytes(logvar)[0]
         columns = {
             cache.LATENT_MEAN: means,
             cache.LATENT_LOGVAR: logvars,
@@ -220,7 +225,11 @@ class TextEncode:
                 states, mask = self.encoder.encode([batch[cache.TEXT].iat[i] for i in rows])  # (B, L, D), (B, L)
                 for slot, i in enumerate(rows):
                     real = int(mask[slot].sum())
-                    embeddings[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(states[slot, :real].to(self.store))
+                    state = states[slot, :real].to(self.store)  # (real tokens, D)
+                    if not torch.isfinite(state).all():
+                        rejects.set(i, ENCODE, NON_FINITE, "the T5 states hold NaN or Inf")
+                        continue
+                    embeddings[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(state)
                     tokens[i] = real
             except Exception as error:  # one bad batch is rejected row by row
                 for i in rows:

@@ -199,6 +199,42 @@ def test_decode_stage_rejects_a_file_without_the_frames(demo_csv):
     assert out["reject_stage"].tolist() == [None, "decode"]
 
 
+def test_encoders_reject_non_finite_outputs_and_keep_the_other_rows():
+    """NaN or Inf latents or caption states never reach the cache: the row is rejected as
+    `encode: non-finite`, its neighbours are kept."""
+    import torch
+
+    from pipelines.preprocess import NON_FINITE, TextEncode, VaeEncode
+
+    class Vae:
+        def encode_many(self, videos, chunk):  # a row whose first pixel is white comes out NaN
+            out = []
+            for video in videos:
+                mean = torch.zeros(4, video.shape[1], 2, 2)
+                out.append((mean + float("nan") if video[0, 0, 0, 0] > 0.99 else mean, mean))
+            return out
+
+    class Text:
+        def encode(self, texts):  # (B, L, D), (B, L)
+            states = torch.zeros(len(texts), 3, 4)
+            states[[i for i, text in enumerate(texts) if "inf" in text]] = float("inf")
+            return states, torch.ones(len(texts), 3, dtype=torch.bool)
+
+    frames = [np.zeros((3, 2, 16, 16), np.uint8), np.full((3, 2, 16, 16), 255, np.uint8)]
+    batch = pd.DataFrame({"frames": [f.tobytes() for f in frames], "frames_shape": [list(f.shape) for f in frames],
+                          "text": ["fine", "inf here"], "reject_stage": None, "reject_reason": None,
+                          "reject_detail": None})  # fmt: skip
+    vae = VaeEncode.__new__(VaeEncode)
+    vae.vae, vae.device, vae.store, vae.chunk = Vae(), torch.device("cpu"), torch.float32, 4
+    out = vae(batch)
+    assert out["reject_stage"].tolist() == [None, "encode"] and out["reject_reason"].iat[1] == NON_FINITE
+    assert out["latent_mean"].iat[0] and not out["latent_mean"].iat[1]
+    text = TextEncode.__new__(TextEncode)
+    text.encoder, text.store = Text(), torch.float32
+    out = text(batch.drop(columns=["frames", "frames_shape"]))
+    assert out["reject_reason"].tolist() == [None, NON_FINITE] and out["num_tokens"].tolist() == [3, 0]
+
+
 @pytest.mark.parametrize(
     ("src", "t", "interval", "factor", "expected"),
     [
