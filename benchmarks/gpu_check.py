@@ -17,7 +17,8 @@ Rows (CUDA, bf16):
 
 It needs torch, the project's code and, for some rows, diffusers, transformers and DeepSpeed;
 Ray is not needed. A missing package skips its rows and says which. Wheels placed in
-`gpu-wheels/` are installed first (`pip install --no-deps`), for machines without a network.
+`gpu-wheels/` (`make gpu-wheels`) whose package is missing are installed into gpu-wheels/site
+first, for machines without a network; nothing the machine has is replaced.
 MFU is against the GPU's dense bf16 peak (H100/H200: 989 TFLOP/s; `--peak-tflops` to set it).
 """
 
@@ -141,7 +142,7 @@ def _inputs(size: str, batch: int, latent, text_dim: int, device, dtype) -> tupl
     mask = torch.zeros(batch, CAPTION, dtype=torch.bool, device=device)
     mask[:, :REAL_TOKENS] = True
     height, width = latent[1] * 8, latent[2] * 8
-    sizes = size_inputs(size, batch, device, height=height, width=width, num_frames=latent[0], fps=24,
+    sizes = size_inputs(size, batch, device, dtype, height=height, width=width, num_frames=latent[0], fps=24,
                         ar=height / width)  # fmt: skip
     return x, y, mask, sizes
 
@@ -323,8 +324,15 @@ def engine_steps(check: Check) -> tuple[str, str]:
 
 
 def install_wheels() -> None:
-    """Install the wheels in gpu-wheels/ whose package is missing here (never replacing one that is there)."""
+    """Make the packages of gpu-wheels/ importable where they are missing: installed into
+    gpu-wheels/site (no system change, no network), which goes last on sys.path, so a package
+    the machine has (its torch) always wins."""
     import importlib.metadata
+
+    site = WHEELS / "site"
+    if str(site) not in sys.path:
+        sys.path.append(str(site))
+    importlib.invalidate_caches()
 
     def installed(wheel: Path) -> bool:
         try:
@@ -336,11 +344,12 @@ def install_wheels() -> None:
     missing = [wheel for wheel in sorted(WHEELS.glob("*.whl")) if not installed(wheel)] if WHEELS.is_dir() else []
     if not missing:
         return
-    print(f"installing {len(missing)} wheel(s) from {WHEELS.name}/: {', '.join(w.name for w in missing)}", flush=True)
+    print(f"installing {len(missing)} wheel(s) into {site}: {', '.join(w.name for w in missing)}")
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                             *map(str, missing)])  # fmt: skip
+                             "--upgrade", "--target", str(site), *map(str, missing)])  # fmt: skip
+    importlib.invalidate_caches()
     if result.returncode != 0:
-        print("warning: some wheels did not install (another Python version?); rows that need them are skipped")
+        print("warning: some wheels did not install (made for another Python?); rows that need them are skipped")
 
 
 def main() -> int:

@@ -24,14 +24,22 @@ SEARCH_STEP = 2
 
 @dataclass(frozen=True)
 class BatchSearch:
-    """A batch-size search range, Open-Sora's `(max,)`, `(min, max)` or `(min, max, step)` form."""
+    """A batch-size search range, Open-Sora's `(max,)`, `(min, max)` or `(min, max, step)` form.
+
+    As in Open-Sora's scripts/misc/search_bs.py, `max` is excluded: (2, 8) tries 2, 4, 6, and
+    (1, 1) tries nothing (the bucket gets no batch size).
+    """
 
     low: int
     high: int
     step: int = SEARCH_STEP
 
+    @property
+    def candidates(self) -> tuple[int, ...]:
+        return tuple(range(self.low, self.high, self.step))
+
     def __str__(self) -> str:
-        return f"{self.low}..{self.high}" + (f" step {self.step}" if self.step != SEARCH_STEP else "")
+        return f"[{self.low},{self.high})" + (f"/{self.step}" if self.step != SEARCH_STEP else "")
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,9 @@ def _frame_bucket(name: str, num_frames: Any, value: Any) -> FrameBucket:
     if isinstance(keep_prob, bool) or not isinstance(keep_prob, int | float) or not keep_prob >= 0.0:
         raise BucketConfigError(f"{where}: keep_prob must be a number >= 0 (1 or more keeps all), got {keep_prob!r}")
     if isinstance(batch_size, tuple | list):
-        return FrameBucket(num_frames, float(keep_prob), None, _batch_search(where, batch_size))
+        search = _batch_search(where, batch_size)
+        # A bucket that excludes (keep_prob 0) needs no batch size, searched or not.
+        return FrameBucket(num_frames, float(keep_prob), None, search if keep_prob > 0 else None)
     if batch_size is None:
         if keep_prob > 0:
             raise BucketConfigError(
@@ -137,17 +147,18 @@ def _frame_bucket(name: str, num_frames: Any, value: Any) -> FrameBucket:
 
 
 def _batch_search(where: str, value: tuple | list) -> BatchSearch:
-    """Open-Sora's search forms: (max,), (min, max) or (min, max, step), positive integers, min <= max."""
+    """Open-Sora's search forms: (max,), (min, max) or (min, max, step), positive integers, min <= max
+    ((max,) starts at SEARCH_START; a range may be empty)."""
     if not 1 <= len(value) <= 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
         raise BucketConfigError(
             f"{where}: a batch-size search range is (max,), (min, max) or (min, max, step) of positive integers, "
             f"got {tuple(value)!r}"
         )
     if len(value) == 1:
-        low, high, step = min(SEARCH_START, value[0]), value[0], SEARCH_STEP
+        low, high, step = SEARCH_START, value[0], SEARCH_STEP
     else:
         low, high, step = (*value, SEARCH_STEP)[:3]
-    if low > high:
+    if low > high and len(value) > 1:
         raise BucketConfigError(f"{where}: batch-size search range {tuple(value)!r} has min {low} > max {high}")
     return BatchSearch(low, high, step)
 

@@ -102,10 +102,8 @@ def bucket_shapes(config: TrainConfig, max_batch: int) -> list[BucketShape]:
         for bucket in entry.frames:
             if bucket.keep_prob <= 0:
                 continue
-            if bucket.search is not None:
-                candidates = tuple(range(bucket.search.low, bucket.search.high + 1, bucket.search.step))
-            else:
-                candidates = tuple(range(1, max_batch + 1))
+            # A search range (may be empty: Open-Sora's max is excluded), or 1 .. max_batch.
+            candidates = bucket.search.candidates if bucket.search else tuple(range(1, max_batch + 1))
             shapes.append(
                 BucketShape(entry.resolution.name, bucket.num_frames, bucket.keep_prob, height, width, candidates)
             )
@@ -165,10 +163,10 @@ def search(
     for shape in sorted(shapes, key=lambda s: s is not base_shape):  # the base bucket first
         largest, trials = largest_fitting(shape.candidates, traced(shape))
         results.append(BucketResult(shape, trials, largest, largest))
+        if shape is base_shape and largest is None:  # before any other bucket's trials
+            raise ConfigError(f"--base {base_shape.label}: {_none_fits(base_shape)}; pick another --base")
     if base_shape is not None:
         target = results[0].largest
-        if target is None:
-            raise ConfigError(f"--base {base_shape.label}: not even batch {base_shape.candidates[0]} fits")
         for result in results[1:]:
             if result.largest is None:
                 continue
@@ -178,6 +176,12 @@ def search(
                 result.trials.append(trial)
                 result.chosen = trial if trial.fits else result.largest
     return results
+
+
+def _none_fits(shape: BucketShape) -> str:
+    if not shape.candidates:
+        return "its search range is empty (Open-Sora's max is excluded)"
+    return f"not even batch {shape.candidates[0]} fits"
 
 
 def _base(shapes: list[BucketShape], base: str | None) -> BucketShape:
@@ -205,18 +209,23 @@ def format_results(config: TrainConfig, results: list[BucketResult], budget: int
         chosen[(shape.resolution, shape.num_frames)] = trial
         size = f"{shape.height}x{shape.width}"
         if trial is None:
-            lines.append(f"{shape.label:<14} {size:>10} {'none':>6}   not even batch {shape.candidates[0]} fits")
+            lines.append(f"{shape.label:<14} {size:>10} {'none':>6}   {_none_fits(shape)}")
             continue
         lines.append(
             f"{shape.label:<14} {size:>10} {trial.batch:>6} {format_bytes(trial.peak_bytes or 0):>11} "
             f"{trial.step_seconds:>8.3f} {trial.batch / trial.step_seconds:>10.2f} {len(result.trials):>7}"
         )
+    if config.bucket_config is None:  # the fixed-size form: one bucket, one batch_size
+        (trial,) = chosen.values()
+        lines += ["", f"batch_size = {trial.batch}" if trial else "# no batch size fits: see the table"]
+        return "\n".join(lines) + "\n"
     lines += ["", "bucket_config = {"]
     for resolution, frames in config.bucket_config.items():  # the file's order
         items = []
         for num_frames, (keep_prob, batch_size) in frames.items():
             if (resolution, num_frames) not in chosen:  # not searched (keep_prob 0)
-                items.append(f"{num_frames}: ({keep_prob!r}, {batch_size!r})")
+                kept = batch_size if isinstance(batch_size, int) else None  # a range needs no answer here
+                items.append(f"{num_frames}: ({keep_prob!r}, {kept!r})")
             elif (trial := chosen[(resolution, num_frames)]) is None:
                 items.append(f"{num_frames}: (0.0, None)")  # does not fit: excluded, see the table
             else:
@@ -224,7 +233,7 @@ def format_results(config: TrainConfig, results: list[BucketResult], budget: int
         lines.append(f'    "{resolution}": {{{", ".join(items)}}},')
     lines.append("}")
     if any(trial is None for trial in chosen.values()):
-        lines.append("# (0.0, None): buckets where not even the smallest batch fits are excluded")
+        lines.append("# (0.0, None): buckets where no batch of the range fits are excluded")
     return "\n".join(lines) + "\n"
 
 
@@ -276,7 +285,10 @@ class SubprocessTrials:
         if done.returncode != 0 or not lines:
             last = (done.stderr.strip().splitlines() or ["killed"])[-1]
             return Trial(batch, False, None, None, f"exit {done.returncode}: {last[:200]}")
-        answer = json.loads(lines[-1])
+        try:
+            answer = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            return Trial(batch, False, None, None, f"no answer from the trial: {lines[-1][:200]}")
         peak = answer["peak_bytes"]
         if answer.get("out_of_memory"):
             return Trial(batch, False, peak, None, "out of memory")

@@ -9,6 +9,9 @@ import pandas as pd
 
 from pipelines.config import ConfigError
 
+# A row whose file has one of these extensions is an image (Open-Sora tells images from videos the same way).
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
 REQUIRED_COLUMNS = ("path", "text")
 SAMPLES_TABLE = "samples.csv"  # what `sora sample` writes beside its videos, in this table format
 # Open-Sora's data tools write these; when present they spare probing the files.

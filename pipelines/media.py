@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipelines.probe import IMAGE_EXTENSIONS
+from pipelines.dataset import IMAGE_EXTENSIONS
 
 
 class DecodeError(Exception):

@@ -86,16 +86,20 @@ def compile_blocks(model: torch.nn.Module) -> None:
 SIZE_INPUTS = ("height", "width", "num_frames", "fps", "ar")
 
 
-def size_inputs(model_type: str, batch: int, device: torch.device, **values) -> dict:
-    """The size conditioning STDiT2 takes (SIZE_INPUTS), as (batch,) float tensors; nothing for other models.
+def size_inputs(
+    model_type: str, batch: int, device: torch.device, dtype: torch.dtype = torch.float32, **values
+) -> dict:
+    """The size conditioning STDiT2 takes (SIZE_INPUTS), as (batch,) float32 tensors; nothing for other models.
 
     Each value is a number or a (batch,) tensor: the sampler gives one size for the whole
     guidance batch, training gives each sample's own (fps differs within a bucket). Training and
     sampling take ar and fps from sora_model.stdit's training_conditions / sampling_conditions.
+    The values are rounded to the model's `dtype`, as Open-Sora casts them (in bf16, a height of
+    853 is 852 and 240/426 is 0.5625): the released weights learnt the rounded values.
     """
     if sorted(values) != sorted(SIZE_INPUTS):
         raise TypeError(f"size_inputs takes {', '.join(SIZE_INPUTS)}; got {', '.join(values)}")
     if MODEL_SIZES[model_type].family is not Family.STDIT2:
         return {}
-    return {name: torch.as_tensor(value, dtype=torch.float32, device=device).expand(batch)
+    return {name: torch.as_tensor(value, dtype=torch.float32, device=device).to(dtype).float().expand(batch)
             for name, value in values.items()}  # fmt: skip

@@ -173,8 +173,8 @@ class VaeEncode:
             row = batch.iloc[i]
             try:
                 pixels = torch.frombuffer(bytearray(row["frames"]), dtype=torch.uint8)
-                videos[i] = (pixels.reshape(list(row["frames_shape"])).float() / 127.5 - 1.0).to(self.device)
-            except Exception as error:  # (3, F, H, W) above; one bad row must not drop the block
+                videos[i] = pixels.reshape(list(row["frames_shape"]))  # (3, F, H, W) uint8, on the host
+            except Exception as error:  # one bad row must not drop the block
                 rejects.set(i, ENCODE, "VAE failed", repr(error))
         rows = list(videos)
         try:  # the frames of every row of one size, in calls of `chunk` frames

@@ -30,6 +30,7 @@ from PIL import Image
 from bucketing.aspect import RESOLUTIONS
 from bucketing.assign import parse_bucket_name
 from pipelines.config import InferenceConfig, TrainConfig
+from sora_model.stdit import UNKNOWN_FPS
 
 PREVIEWS = "previews"
 WEIGHTS = "ema.safetensors"  # a preview step's EMA weights when the step wrote no checkpoint
@@ -107,12 +108,15 @@ def preview_size(buckets: dict[str, int]) -> tuple[int, int, int]:
 
 
 def preview_config(config: TrainConfig, weights: Path, size: tuple[int, int, int], out: Path) -> InferenceConfig:
-    """What `sora sample` would be given to draw the previews of `weights`."""
+    """What `sora sample` would be given to draw the previews of `weights`: the config's
+    frame_interval, and 24 fps, the rate Open-Sora conditions on when a video does not say
+    (STDiT2 trains on each file's own rate; saved at 24 // frame_interval)."""
     num_frames, height, width = size
     model = dataclasses.replace(config.model, from_pretrained=str(weights))
     return InferenceConfig(
         num_frames=num_frames,
-        fps=8,
+        fps=int(UNKNOWN_FPS),
+        frame_interval=config.frame_interval,
         image_size=(height, width),
         model=model,
         vae=config.vae,

@@ -13,9 +13,9 @@ import av
 import decord
 from PIL import Image
 
-av.logging.set_level(av.logging.PANIC)  # failures are reported per row, not as FFmpeg log lines
+from pipelines.dataset import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+av.logging.set_level(av.logging.PANIC)  # failures are reported per row, not as FFmpeg log lines
 
 
 class ProbeError(Exception):

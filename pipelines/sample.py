@@ -258,7 +258,7 @@ class Sampler:
         both = torch.cat([y.to(dtype), self.model.null_caption(batch, y.shape[1]).to(device=device, dtype=dtype)])
         height, width = config.image_size
         ar_fps = sampling_conditions(height, width, config.num_frames, config.fps)  # Open-Sora 1.1's values
-        sizes = size_inputs(self.config.model.type, 2 * batch, device, height=height, width=width,
+        sizes = size_inputs(self.config.model.type, 2 * batch, device, dtype, height=height, width=width,
                             num_frames=config.num_frames, **ar_fps)  # fmt: skip
 
         def model_fn(x, t, x_mask):  # the guidance batch: [prompts; null captions]

@@ -36,7 +36,7 @@ from bucketing.assign import parse_bucket_name
 from bucketing.config import BucketConfig
 from pipelines.cache import HEIGHT, ID, PATH, SRC_FPS, WIDTH, Cache, sample_from_row
 from pipelines.config import ConfigError
-from pipelines.probe import IMAGE_EXTENSIONS
+from pipelines.dataset import IMAGE_EXTENSIONS
 from sora_model.stdit import training_conditions
 
 

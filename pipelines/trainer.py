@@ -174,7 +174,7 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     t = diffusion.sample_timesteps(x.shape[0], generator, (batch["height"], batch["width"], x.shape[2]))
     t = t.to(x.device)  # (B,)
     noise = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, T, h, w)
-    sizes = size_inputs(model_type, x.shape[0], x.device, **{name: batch[name] for name in SIZE_INPUTS})
+    sizes = size_inputs(model_type, x.shape[0], x.device, dtype, **{name: batch[name] for name in SIZE_INPUTS})
 
     def model_fn(x_t, t, x_mask):  # the diffusion's view of the model: the caption bound, fp32 in and out
         return engine(x_t.to(dtype), t, batch["y"].to(dtype), batch["y_mask"], x_mask, **sizes).float()
@@ -198,7 +198,8 @@ def evaluate(model: torch.nn.Module, diffusion, data: CacheBatches, batches: lis
     for index, ref in enumerate(batches):
         batch = {name: tensor.to(device) for name, tensor in data.load(ref, None).items()}
         x = batch["x"]  # (B, C, T, h, w)
-        sizes = size_inputs(model_type, x.shape[0], device, **{name: batch[name] for name in SIZE_INPUTS})
+        dtype = next(model.parameters()).dtype
+        sizes = size_inputs(model_type, x.shape[0], device, dtype, **{name: batch[name] for name in SIZE_INPUTS})
 
         def model_fn(x_t, t, x_mask, batch=batch, sizes=sizes):
             return model(x_t, t, batch["y"], batch["y_mask"], x_mask, **sizes)

@@ -84,15 +84,24 @@ class VideoAutoencoderKL(nn.Module):
                 outputs.append(fn(chunk))
         return torch.cat(outputs, dim=0)
 
+    def _pixels(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames on the VAE's device, in its dtype, in [-1, 1]: uint8 frames (0..255) are scaled here,
+        one chunk at a time, so a batch of videos can wait on the host as bytes."""
+        device = next(self.module.parameters()).device
+        if frames.dtype == torch.uint8:
+            return (frames.to(device).float() / 127.5 - 1.0).to(self.dtype)
+        return frames.to(device, self.dtype)
+
     @torch.no_grad()
     def encode_moments(self, video: torch.Tensor, fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance, both scaled like latents: (B, 4, T, h, w) each.
 
-        With `fixed`, every call of the VAE takes exactly `fixed` frames (see `encode_many`).
+        `video` is in [-1, 1], or uint8 (0..255) on any device (see `_pixels`). With `fixed`, every
+        call of the VAE takes exactly `fixed` frames (see `encode_many`).
         """
         batch = video.shape[0]
-        frames = rearrange(video, "b c t h w -> (b t) c h w").to(self.dtype)  # (B*T, C, H, W)
-        moments = self._frames(frames, lambda x: self.module.encode(x).latent_dist.parameters, fixed)
+        frames = rearrange(video, "b c t h w -> (b t) c h w")  # (B*T, C, H, W), where and as they came
+        moments = self._frames(frames, lambda x: self.module.encode(self._pixels(x)).latent_dist.parameters, fixed)
         mean, logvar = moments.chunk(2, dim=1)  # (B*T, 4, h, w) each
         # z' = s * (mean + std * eps - shift): the mean moves and scales, the variance scales by s^2.
         logvar = torch.clamp(logvar, -30.0, 20.0) + 2 * torch.log(torch.tensor(self.scaling_factor))
@@ -104,6 +113,7 @@ class VideoAutoencoderKL(nn.Module):
     def encode_many(self, videos: list[torch.Tensor], chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`encode_moments` of several videos (3, F_i, H, W) at once: the frames of all videos of one
         size go through the VAE together, in calls of exactly `chunk` frames (the last padded).
+        Videos may be uint8 on the host: only one call's frames are on the device at a time.
 
         A frame's latents never depend on which other frames share its call: every call has one
         shape, so one convolution algorithm, and each frame is computed on its own within it. So

@@ -83,7 +83,7 @@ def test_search_ranges_give_the_candidates():
 
     shapes = {(s.resolution, s.num_frames): s for s in bucket_shapes(Holder, max_batch=5)}
     assert shapes[("240p", 16)].candidates == (2, 5, 8)
-    assert shapes[("240p", 32)].candidates == (2, 4)  # (max,): from 2 in steps of 2, as Open-Sora's search
+    assert shapes[("240p", 32)].candidates == (2,)  # (max,): from 2 in steps of 2, max excluded, as Open-Sora
     assert shapes[("240p", 1)].candidates == (1, 2, 3, 4, 5)  # a plain batch size: 1 .. --max-batch
     assert ("240p", 64) not in shapes  # keep_prob 0 is not searched
     assert shapes[("240p", 16)].height * shapes[("240p", 16)].width >= 240 * 426  # the largest aspect
@@ -135,6 +135,30 @@ def test_search_and_the_bucket_config_it_prints(debug_models, tmp_path):
     assert "not even batch 2 fits" in text
 
 
+def test_excluded_and_empty_ranges_and_the_fixed_size_form(debug_models, tmp_path):
+    """keep_prob 0 needs no batch size, searched or not; Open-Sora's (1, 1) range is empty (max excluded);
+    a config without bucket_config gets `batch_size = N`."""
+    buckets = '{"144p": {1: (0.5, (1, 1)), 8: (1.0, (2, 5)), 16: (0.0, (2, 8))}}'
+    config = load_config(debug_config(tmp_path, debug_models, buckets), "train")
+    seen = []
+
+    def run(shape, batch):
+        seen.append((shape.num_frames, batch))
+        return Trial(batch, True, batch, 0.1 * batch)
+
+    text = format_results(config, search(config, run, report=lambda line: None), budget=GiB)
+    assert sorted(seen) == [(8, 2), (8, 4)]  # only the searched bucket with candidates, [2,5) in steps of 2
+    assert '"144p": {1: (0.0, None), 8: (1.0, 4), 16: (0.0, None)},' in text
+    assert "its search range is empty (Open-Sora's max is excluded)" in text
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    text = (tmp_path / "train.py").read_text().replace(f"bucket_config = {buckets}", "bucket_config = None")
+    (fixed / "train.py").write_text(text + "num_frames = 8\nimage_size = (144, 256)\nbatch_size = 2\n")
+    config = load_config(fixed / "train.py", "train")
+    results = search(config, run, max_batch=3, report=lambda line: None)
+    assert format_results(config, results, budget=GiB).splitlines()[-1] == "batch_size = 3"
+
+
 def test_cpu_needs_a_budget_and_bad_flags_are_named(debug_models, tmp_path):
     config = debug_config(tmp_path, debug_models, '{"144p": {8: (1.0, (2, 4))}}')
     result = run_sora("search-batch-size", str(config), "--no-gpu")
@@ -149,7 +173,7 @@ def test_cpu_needs_a_budget_and_bad_flags_are_named(debug_models, tmp_path):
 def test_real_trials_find_the_largest_batch_under_a_cpu_budget(debug_models, tmp_path):
     """Trials in fresh processes: peak memory grows with the batch; the search's answer fits the budget
     and the next candidate does not."""
-    path = debug_config(tmp_path, debug_models, '{"144p": {8: (1.0, (2, 10, 4))}}')  # candidates 2, 6, 10
+    path = debug_config(tmp_path, debug_models, '{"144p": {8: (1.0, (2, 11, 4))}}')  # candidates 2, 6, 10
     config = load_config(path, "train")
     (shape,) = bucket_shapes(config, 256)
     probe = SubprocessTrials(config, use_gpu=False, budget=64 * GiB, text_dim=caption_channels(config, None), steps=1)

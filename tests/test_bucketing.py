@@ -283,9 +283,9 @@ def test_search_ranges_and_keep_prob_over_one_in_assignment_and_report():
     assert report.kept == 11
     searched = next(r for r in report.buckets if r.bucket.num_frames == 16)
     assert (searched.samples, searched.full_batches, searched.leftover) == (6, None, None)
-    assert str(searched.bucket.batch_search) == "2..8"
+    assert str(searched.bucket.batch_search) == "[2,8)"  # Open-Sora's max is excluded
     line = next(line for line in format_report(report).splitlines() if line.startswith("240p-16f"))
-    assert line.split()[3:6] == ["2..8", "-", "-"]
+    assert line.split()[3:6] == ["[2,8)", "-", "-"]
     assert any("search range" in warning and "240p-16f" in warning for warning in report.warnings)
     as_dict = next(b for b in report_to_dict(report)["buckets"] if b["num_frames"] == 16)
     assert as_dict["batch_search"] == {"low": 2, "high": 8, "step": 2} and as_dict["batch_size"] is None

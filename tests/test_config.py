@@ -424,8 +424,9 @@ def test_opensora_batch_size_search_form_loads_and_training_refuses_it(tmp_path:
         (32, 0.5, None, BatchSearch(2, 4, 2)),
         (1, 20.0, 40, None),
     ]
-    assert config.buckets.searched() == ["bucket_config['720p'][64]: 1..1", "bucket_config['720p'][32]: 2..4"]
-    refused = r"integer batch size per bucket.*\['720p'\]\[64\]: 1\.\.1.*`sora search-batch-size CONFIG` finds"
+    assert config.buckets.searched() == ["bucket_config['720p'][64]: [1,1)", "bucket_config['720p'][32]: [2,4)"]
+    assert entry.frames[0].search.candidates == () and entry.frames[1].search.candidates == (2,)  # max excluded
+    refused = r"integer batch size per bucket.*\['720p'\]\[64\]: \[1,1\).*`sora search-batch-size CONFIG` finds"
     with pytest.raises(ConfigError, match=refused):
         make_plan(None, config, workers=1)  # refused before the cache is read
     # The resolved form loads back the same.

@@ -144,6 +144,10 @@ def test_encode_many_gives_each_video_the_same_bytes_whatever_shares_its_calls(d
     for (mean, logvar), (mean_alone, logvar_alone), video in zip(together, alone, (a, c, b), strict=True):
         assert mean.shape == (4, video.shape[1], video.shape[2] // 8, video.shape[3] // 8)
         assert torch.equal(mean, mean_alone) and torch.equal(logvar, logvar_alone)
+    # Bytes on the host (what preprocessing passes) give what the same frames in [-1, 1] give.
+    pixels = torch.randint(0, 256, (3, 5, 32, 48), generator=generator, dtype=torch.uint8)
+    (mean_u8, _), (mean_float, _) = vae.encode_many([pixels], 4)[0], vae.encode_many([pixels.float() / 127.5 - 1], 4)[0]
+    assert torch.equal(mean_u8, mean_float)
     # The same posterior as encoding each video by itself, up to rounding.
     mean, logvar = vae.encode_moments(a[None])
     torch.testing.assert_close(together[0][0], mean[0], rtol=1e-4, atol=1e-5)

@@ -52,3 +52,6 @@ def test_preview_config_samples_the_prompts_with_the_training_models(config, tmp
     assert built.model.from_pretrained == str(weights) and built.model.type == config.model.type
     assert (built.vae, built.text_encoder, built.scheduler) == (config.vae, config.text_encoder, config.scheduler)
     assert built.save_dir == str(tmp_path) and built.seed == config.seed
+    # STDiT2 is conditioned on 24 fps (Open-Sora's rate for a video that does not say) at the
+    # training stride, not on the saved rate.
+    assert (built.fps, built.frame_interval) == (24, config.frame_interval)

@@ -146,6 +146,18 @@ def test_a_video_of_unknown_rate_is_conditioned_on_24_fps():
     assert sampling_conditions(144, 256, 1, 24)["fps"] == 120.0
 
 
+def test_size_inputs_are_rounded_to_the_models_dtype_as_open_sora_casts_them():
+    from pipelines.models import size_inputs
+
+    values = {"height": 853, "width": 480, "num_frames": 16, "fps": 29.97, "ar": 240 / 426}
+    bf16 = size_inputs("debug", 2, torch.device("cpu"), torch.bfloat16, **values)
+    assert bf16["height"].tolist() == [852.0, 852.0] and bf16["fps"][0] == 30.0 and bf16["ar"][0] == 0.5625
+    assert all(tensor.dtype == torch.float32 for tensor in bf16.values())
+    fp32 = size_inputs("debug", 2, torch.device("cpu"), **values)
+    assert fp32["height"][0] == 853.0 and fp32["ar"][0] == pytest.approx(240 / 426)
+    assert size_inputs("STDiT-XL/2", 2, torch.device("cpu"), **values) == {}  # STDiT takes no size conditioning
+
+
 def test_batch_sizes_come_from_the_bucket_config(clean_cache):
     config = load_config(clean_cache[1], "train")
     assert config.buckets.batch_size("144p", 16) == 2
