@@ -30,7 +30,7 @@ export TRANSFORMERS_OFFLINE := 1
 help:
 	@echo "make demo   set up .venv, make demo data and tiny models, run the pipeline as far as it goes"
 	@echo "make test   set up .venv, lint and run the test suite"
-	@echo "make demo-model  train the committed demo model again (configs/demo/model; about half an hour on 2 cores)"
+	@echo "make demo-model  train the committed demo model again (configs/demo/model; about 45 minutes on 2 cores)"
 	@echo "make bench  run the benchmarks in benchmarks/"
 	@echo "make gpu-check  the one-call GPU check (benchmarks/gpu_check.py; ~5 min on an H100/H200)"
 	@echo "make gpu-wheels  wheels of the packages a bare GPU machine lacks, into gpu-wheels/ (needs the index)"
