@@ -287,9 +287,8 @@ def engine_steps(check: Check) -> tuple[str, str]:
     from pipelines.cache import Cache
     from pipelines.config import load_config
     from pipelines.device import DevicePlan
-    from pipelines.models import load_model
     from pipelines.train_data import CacheBatches, Prefetcher, plan_epoch, seed_of
-    from pipelines.trainer import build_engine, fixed_latent_size, single_process_group, training_diffusion
+    from pipelines.trainer import build_training, single_process_group
 
     sizes = check.sizes
     frames, h, w = sizes.train_latent
@@ -309,13 +308,12 @@ def engine_steps(check: Check) -> tuple[str, str]:
         refs = [plan.batches[0][i % plan.steps] for i in range(steps + 2)]
         device = DevicePlan(cuda, dtype, dtype)
         with single_process_group(device.backend):
-            model = load_model(config.model, sizes.text_dim, CAPTION, fixed_latent_size(config))
-            engine = build_engine(model, config, device)
+            engine, _, diffusion = build_training(config, sizes.text_dim, device, with_ema=False)
             loads = (data.load(ref, torch.Generator().manual_seed(seed_of(0, 0, i, 0))) for i, ref in enumerate(refs))
             prefetcher = Prefetcher(loads, pin_memory=cuda)
             try:
-                seconds, waited, samples = TRAIN_BENCH.timed_steps(engine, training_diffusion(config),
-                                                                   config.model.type, prefetcher, steps, 2)  # fmt: skip
+                seconds, waited, samples = TRAIN_BENCH.timed_steps(engine, diffusion, config.model.type, prefetcher,
+                                                                   steps, 2)  # fmt: skip
             finally:
                 prefetcher.close()
     return (f"{samples / seconds:.2f} samples/s",

@@ -137,9 +137,8 @@ def main() -> None:
     from pipelines.config import load_config
     from pipelines.dataset import read_table, resolve_paths
     from pipelines.device import local_device
-    from pipelines.models import load_model
     from pipelines.train_data import CacheBatches, Prefetcher, plan_epoch, seed_of
-    from pipelines.trainer import build_engine, fixed_latent_size, single_process_group, training_diffusion
+    from pipelines.trainer import build_training, single_process_group
     from sora_model.loading import torch_dtype
 
     config = load_config(CONFIG, "train")
@@ -156,12 +155,9 @@ def main() -> None:
         return data.load(refs[index], torch.Generator().manual_seed(seed_of(config.seed, 0, index, 0)))
 
     with single_process_group(device.backend):
-        diffusion = training_diffusion(config)
-
         torch.manual_seed(config.seed)
-        model = load_model(config.model, data.cache.text_dim(), config.text_encoder.model_max_length,
-                           fixed_latent_size(config))  # fmt: skip
-        trainer = build_engine(model, config, device)  # one engine for every way: same model, step, optimizer
+        # One engine for every way: the same model, step and optimizer.
+        trainer, _, diffusion = build_training(config, data.cache.text_dim(), device, with_ema=False)
         steps = args.warmup + args.steps
         target = trainer.device
         model_type = config.model.type

@@ -352,36 +352,17 @@ def run_trial(request: _Request) -> dict:
 
     import torch
 
-    from pipelines.device import DevicePlan, select_accelerator
-    from pipelines.models import load_model
-    from pipelines.trainer import (
-        StepKey,
-        apply_activation_checkpointing,
-        build_engine,
-        fixed_latent_size,
-        make_ema,
-        single_process_group,
-        train_step,
-        training_diffusion,
-        update_ema,
-    )
+    from pipelines.device import DevicePlan
+    from pipelines.trainer import StepKey, build_training, single_process_group, train_step, update_ema
 
     config = load_config(request.config, "train")
     shape = BucketShape(**{**request.shape, "candidates": tuple(request.shape["candidates"])})
     plan = DevicePlan(request.use_gpu, config.dtype if request.use_gpu else "fp32", config.dtype)
     if not request.use_gpu:
         _watch_memory(request.budget)
-    select_accelerator(plan)
     times = []
     with single_process_group(plan.backend):
-        model = load_model(config.model, request.text_dim, config.text_encoder.model_max_length,
-                           fixed_latent_size(config))  # fmt: skip
-        ema = make_ema(model)
-        if config.grad_checkpoint:
-            apply_activation_checkpointing(model)
-        engine = build_engine(model, config, plan)
-        ema.to(engine.device)
-        diffusion = training_diffusion(config)
+        engine, ema, diffusion = build_training(config, request.text_dim, plan)
         caption = (config.text_encoder.model_max_length, request.text_dim)
         batch = _synthetic_batch(shape, request.batch, caption, engine.device)
         try:

@@ -152,6 +152,21 @@ def build_engine(model: torch.nn.Module, config: TrainConfig, device: DevicePlan
     return engine
 
 
+def build_training(config: TrainConfig, caption_channels: int, device: DevicePlan, with_ema: bool = True):
+    """(engine, ema or None, diffusion): the config's model with activation checkpointing as
+    configured, in its DeepSpeed engine, its EMA copy (made from the exact fp32 weights, then
+    moved where the weights went), and the training diffusion; the process group must exist."""
+    model = load_model(config.model, caption_channels, config.text_encoder.model_max_length,
+                       fixed_latent_size(config))  # fmt: skip
+    ema = make_ema(model) if with_ema else None
+    if config.grad_checkpoint:
+        apply_activation_checkpointing(model)
+    engine = build_engine(model, config, device)
+    if ema is not None:
+        ema.to(engine.device)
+    return engine, ema, training_diffusion(config)
+
+
 class StepKey(NamedTuple):
     """What seeds a step's randomness: the run's seed, the data position and the rank."""
 
@@ -161,6 +176,18 @@ class StepKey(NamedTuple):
     rank: int
 
 
+def bound_model(model, dtype: torch.dtype, batch: dict[str, torch.Tensor], model_type: str):
+    """The diffusion's view of the model for one batch: the caption and size conditioning bound,
+    inputs cast to the model's `dtype` (bf16/fp16 under mixed precision), the output fp32."""
+    sizes = size_inputs(model_type, batch["x"].shape[0], batch["x"].device, dtype,
+                        **{name: batch[name] for name in SIZE_INPUTS})  # fmt: skip
+
+    def model_fn(x_t, t, x_mask):
+        return model(x_t.to(dtype), t, batch["y"].to(dtype), batch["y_mask"], x_mask, **sizes).float()
+
+    return model_fn
+
+
 def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: str, key: StepKey) -> dict:
     """One optimizer step on one micro-batch; `key` seeds its timesteps, noise and caption dropout.
 
@@ -168,17 +195,12 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     and the gradient norm before clipping.
     """
     x = batch["x"]  # (B, C, T, h, w), fp32: the loss is computed in fp32
-    dtype = next(engine.module.parameters()).dtype  # bf16/fp16 under DeepSpeed's mixed precision
     torch.manual_seed(seed_of(*key, "model"))  # caption dropout inside the model
     generator = torch.Generator().manual_seed(seed_of(*key, "diffusion"))
     t = diffusion.sample_timesteps(x.shape[0], generator, (batch["height"], batch["width"], x.shape[2]))
     t = t.to(x.device)  # (B,)
     noise = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, T, h, w)
-    sizes = size_inputs(model_type, x.shape[0], x.device, dtype, **{name: batch[name] for name in SIZE_INPUTS})
-
-    def model_fn(x_t, t, x_mask):  # the diffusion's view of the model: the caption bound, fp32 in and out
-        return engine(x_t.to(dtype), t, batch["y"].to(dtype), batch["y_mask"], x_mask, **sizes).float()
-
+    model_fn = bound_model(engine, next(engine.module.parameters()).dtype, batch, model_type)
     loss = diffusion.training_losses(model_fn, x, t, noise, batch.get("x_mask"))["loss"].mean()
     engine.backward(loss)
     engine.step()
@@ -198,12 +220,7 @@ def evaluate(model: torch.nn.Module, diffusion, data: CacheBatches, batches: lis
     for index, ref in enumerate(batches):
         batch = {name: tensor.to(device) for name, tensor in data.load(ref, None).items()}
         x = batch["x"]  # (B, C, T, h, w)
-        dtype = next(model.parameters()).dtype
-        sizes = size_inputs(model_type, x.shape[0], device, dtype, **{name: batch[name] for name in SIZE_INPUTS})
-
-        def model_fn(x_t, t, x_mask, batch=batch, sizes=sizes):
-            return model(x_t, t, batch["y"], batch["y_mask"], x_mask, **sizes)
-
+        model_fn = bound_model(model, next(model.parameters()).dtype, batch, model_type)
         for k in range(EVAL_TIMESTEPS):
             step = (2 * k + 1) * diffusion.num_timesteps // (2 * EVAL_TIMESTEPS)
             generator = torch.Generator().manual_seed(seed_of("eval", ref.bucket, index, k))
@@ -315,16 +332,8 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
     torch.manual_seed(config.seed)
     data = CacheBatches(Cache(job.cache_dir), config.mask_ratios, config.eval_fraction)
     eval_batches = data.eval_batches(data.batch_sizes(config.buckets)) if rank == 0 else []
-    model = load_model(config.model, data.cache.text_dim(), config.text_encoder.model_max_length,
-                       fixed_latent_size(config))  # fmt: skip
-    ema = make_ema(model) if rank == 0 else None
-    if config.grad_checkpoint:
-        apply_activation_checkpointing(model)
     device = job.device
-    engine = build_engine(model, config, device)
-    if ema is not None:  # the EMA follows the weights where they are (made before, from the exact fp32 weights)
-        ema.to(engine.device)
-    diffusion = training_diffusion(config)
+    engine, ema, diffusion = build_training(config, data.cache.text_dim(), device, with_ema=rank == 0)
     state = TrainState()
     # Where to continue from: the runner's checkpoint (after a restart), else `--load`, else
     # the newest complete checkpoint of this experiment.

@@ -121,3 +121,26 @@ def test_training_feeds_the_model_its_dtype_and_keeps_the_loss_in_fp32():
         assert metrics["loss"].dtype == torch.float32 and torch.isfinite(metrics["loss"])
     assert engine.seen and set(engine.seen) == {(torch.bfloat16, torch.bfloat16)}
     assert engine.module.weight.grad is not None and engine.module.weight.grad.dtype == torch.bfloat16
+
+
+def test_the_bound_model_feeds_a_half_precision_model_and_returns_fp32():
+    """Training and the eval loss call the model through one `bound_model`: fp32 latents and captions are
+    cast to the model's dtype (under DeepSpeed's bf16 the module is bf16), the output comes back fp32."""
+    from pipelines.trainer import bound_model
+    from sora_model.stdit import build_model
+
+    model = build_model("debug", 8, 5).to(torch.bfloat16).eval()
+    batch = {
+        "x": torch.randn(2, 4, 3, 8, 8),
+        "y": torch.randn(2, 5, 8),
+        "y_mask": torch.ones(2, 5, dtype=torch.bool),
+        "height": torch.full((2,), 64.0),
+        "width": torch.full((2,), 64.0),
+        "num_frames": torch.full((2,), 3.0),
+        "fps": torch.full((2,), 24.0),
+        "ar": torch.full((2,), 1.0),
+    }
+    model_fn = bound_model(model, torch.bfloat16, batch, "debug")
+    with torch.no_grad():
+        out = model_fn(batch["x"], torch.tensor([10, 500]), None)
+    assert out.dtype == torch.float32 and out.shape == (2, 8, 3, 8, 8)
