@@ -101,21 +101,20 @@ class RecordingEngine(torch.nn.Module):
         return None
 
 
+def tiny_batch(x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A training batch of latents x (B, C, T, h, w) and captions, with square-frame size conditioning."""
+    full = lambda value: torch.full((x.shape[0],), float(value))  # noqa: E731
+    height = 8 * x.shape[-2]
+    return {"x": x, "y": y, "y_mask": y_mask, "height": full(height), "width": full(height),
+            "num_frames": full(x.shape[2]), "fps": full(24), "ar": full(1.0)}  # fmt: skip
+
+
 def test_training_feeds_the_model_its_dtype_and_keeps_the_loss_in_fp32():
     from pipelines.trainer import StepKey, train_step
     from sora_model.diffusion import build_scheduler
 
     engine = RecordingEngine()
-    batch = {
-        "x": torch.randn(2, 4, 3, 4, 4),
-        "y": torch.randn(2, 1, 5, 8),
-        "y_mask": torch.ones(2, 5, dtype=torch.long),
-        "height": torch.full((2,), 32.0),
-        "width": torch.full((2,), 32.0),
-        "num_frames": torch.full((2,), 3.0),
-        "fps": torch.full((2,), 8.0),
-        "ar": torch.full((2,), 1.0),
-    }
+    batch = tiny_batch(torch.randn(2, 4, 3, 4, 4), torch.randn(2, 1, 5, 8), torch.ones(2, 5, dtype=torch.long))
     for kind in ("iddpm", "iddpm-speed", "rflow"):
         metrics = train_step(engine, build_scheduler(kind), batch, "STDiT-XL/2", StepKey(0, 0, 0, 0))
         assert metrics["loss"].dtype == torch.float32 and torch.isfinite(metrics["loss"])
@@ -130,16 +129,7 @@ def test_the_bound_model_feeds_a_half_precision_model_and_returns_fp32():
     from sora_model.stdit import build_model
 
     model = build_model("debug", 8, 5).to(torch.bfloat16).eval()
-    batch = {
-        "x": torch.randn(2, 4, 3, 8, 8),
-        "y": torch.randn(2, 5, 8),
-        "y_mask": torch.ones(2, 5, dtype=torch.bool),
-        "height": torch.full((2,), 64.0),
-        "width": torch.full((2,), 64.0),
-        "num_frames": torch.full((2,), 3.0),
-        "fps": torch.full((2,), 24.0),
-        "ar": torch.full((2,), 1.0),
-    }
+    batch = tiny_batch(torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool))
     model_fn = bound_model(model, torch.bfloat16, batch, "debug")
     with torch.no_grad():
         out = model_fn(batch["x"], torch.tensor([10, 500]), None)
