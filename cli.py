@@ -178,9 +178,20 @@ def train(
     epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     wandb: Annotated[bool | None, typer.Option("--wandb/--no-wandb", help="Log to wandb.")] = None,
+    sp_size: Annotated[
+        int | None,
+        typer.Option(
+            "--sp-size",
+            min=1,
+            help="Workers that split each sample's tokens (sequence parallelism; sets sp_size, and above 1 "
+            "plugin 'zero2-seq'). --num-workers must be a multiple of it: workers = data-parallel groups x sp_size.",
+        ),
+    ] = None,
 ) -> None:
     """Train STDiT with Ray Train and DeepSpeed from a preprocessed cache."""
     overrides = {
+        "sp_size": sp_size,
+        "plugin": "zero2-seq" if sp_size is not None and sp_size > 1 else None,
         "cache_dir": data_path,
         "outputs": outputs,
         "load": load,

@@ -410,6 +410,11 @@ def search_batch_size(
         raise ConfigError("on CPU give --max-memory (e.g. --max-memory 16GiB): the budget a training process may use")
     if max_batch < 1 or steps < 1:
         raise ConfigError("--max-batch and --steps must be at least 1")
+    if config.sp_size > 1:
+        raise ConfigError(
+            f"sp_size={config.sp_size}: the search measures one worker holding whole samples; search with "
+            "sp_size = 1 (a sequence-parallel group of k workers holds about 1/k of each sample's activations)"
+        )
     config.buckets  # noqa: B018  (parsed: a bad bucket_config fails here, before any trial)
     trials = SubprocessTrials(config, use_gpu, budget, caption_channels(config, text_dim), steps)
     where = torch.cuda.get_device_name(0) if use_gpu else "CPU"

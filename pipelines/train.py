@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bucketing.config import BucketConfigError
+from pipelines import sequence_parallel
 from pipelines.cache import Cache, check_cache_matches
 from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment
 from pipelines.cluster import connect
@@ -33,9 +34,13 @@ class TrainPlan:
     workers: int
     steps_per_epoch: int
     held_out: int = 0  # samples kept for evaluation
+    sp_size: int = 1  # workers per sequence-parallel group
 
     def format(self) -> str:
         lines = [f"training plan: {self.workers} worker(s), {self.steps_per_epoch} steps per epoch"]
+        if self.sp_size > 1:
+            lines[0] += (f" (sequence parallel: {self.workers // self.sp_size} data-parallel group(s) of "
+                         f"{self.sp_size} workers, each group trains one batch)")  # fmt: skip
         if self.held_out:
             lines.append(f"  {self.held_out} samples held out for the eval loss (eval_fraction), never trained on")
         plan = plan_epoch(self.bucket_rows, self.batch_sizes, 0, 0, 1)
@@ -52,16 +57,24 @@ class TrainPlan:
         return "\n".join(lines) + "\n"
 
 
+def check_sequence_parallel(config: TrainConfig, workers: int) -> None:
+    """plugin 'zero2-seq': the workers make whole SP groups, the model's heads divide among them."""
+    if config.plugin == "zero2-seq":
+        sequence_parallel.check_world(workers, config.sp_size)
+        sequence_parallel.check_model(config.model.type, config.sp_size)
+
+
 def make_plan(cache: Cache, config: TrainConfig, workers: int) -> TrainPlan:
+    """The epoch plan of `workers` workers: one batch per data-parallel group (workers / sp_size)."""
     try:
         config.buckets.require_batch_sizes()  # Open-Sora's search form loads, but trains with numbers only
     except BucketConfigError as error:
         raise ConfigError(str(error)) from None
     data = CacheBatches(cache, eval_fraction=config.eval_fraction)
     rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
-    steps = plan_epoch(rows, sizes, config.seed, 0, workers).steps
+    steps = plan_epoch(rows, sizes, config.seed, 0, workers // config.sp_size).steps
     held_out = sum(data.bucket_rows().values()) - sum(len(r) for r in rows.values())
-    return TrainPlan(sizes, rows, workers, steps, held_out)
+    return TrainPlan(sizes, rows, workers, steps, held_out, config.sp_size)
 
 
 def train(
@@ -78,14 +91,15 @@ def train(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if config.plugin != "zero2":
-        raise ConfigError(f"plugin {config.plugin!r} (sequence parallelism) is not implemented yet; use 'zero2'")
+    check_sequence_parallel(config, num_workers)
     cache = Cache(cache_dir)
     check_cache_matches(cache.store, config)
     plan = make_plan(cache, config, num_workers)
     print(plan.format(), end="", flush=True)
     if plan.steps_per_epoch == 0:
-        raise ConfigError("no bucket yields a full batch for every worker: lower batch sizes or num_workers")
+        raise ConfigError(
+            "no bucket yields a full batch for every data-parallel group: lower batch sizes or num_workers"
+        )
     connect(address, local_cpus=max(4, num_workers + 1), log_to_driver=True)
     device = decide_device(use_gpu, ray.cluster_resources().get("GPU", 0), num_workers, config.dtype)
     print(device.describe(), flush=True)

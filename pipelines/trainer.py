@@ -6,9 +6,10 @@ rank, the world size, reporting and restarts through `hooks` (see `pipelines/tra
 size 1), for benchmarks and checks that need no cluster.
 
 Everything random in a step (the batch, its temporal windows, posterior and timestep
-draws, masks, caption dropout) is seeded by (seed, epoch, step, rank), so a run resumed
+draws, masks, caption dropout) is seeded by (seed, epoch, step, DP rank), so a run resumed
 from a checkpoint continues with exactly the batches and losses an uninterrupted run
-would have had.
+would have had. With sequence parallelism (`pipelines/sequence_parallel.py`) the ranks of
+an SP group share a DP rank: they train the same batch, each on its share of the tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from pipelines import sequence_parallel
 from pipelines.cache import Cache
 from pipelines.checkpoint import (
     EMA,
@@ -152,15 +154,20 @@ def build_engine(model: torch.nn.Module, config: TrainConfig, device: DevicePlan
     return engine
 
 
-def build_training(config: TrainConfig, caption_channels: int, device: DevicePlan, with_ema: bool = True):
+def build_training(
+    config: TrainConfig, caption_channels: int, device: DevicePlan, with_ema: bool = True, sp_group=None
+):
     """(engine, ema or None, diffusion): the config's model with activation checkpointing as
-    configured, in its DeepSpeed engine, its EMA copy (made from the exact fp32 weights, then
-    moved where the weights went), and the training diffusion; the process group must exist."""
+    configured and, given this rank's SP group, sequence parallelism, in its DeepSpeed engine;
+    its EMA copy (made from the exact fp32 weights, then moved where the weights went), and the
+    training diffusion; the process group must exist."""
     model = load_model(config.model, caption_channels, config.text_encoder.model_max_length,
                        fixed_latent_size(config))  # fmt: skip
     ema = make_ema(model) if with_ema else None
     if config.grad_checkpoint:
         apply_activation_checkpointing(model)
+    if sp_group is not None:
+        sequence_parallel.install(model, sp_group, config.sp_size)
     engine = build_engine(model, config, device)
     if ema is not None:
         ema.to(engine.device)
@@ -235,10 +242,10 @@ def evaluate(model: torch.nn.Module, diffusion, data: CacheBatches, batches: lis
 class TrainLog:
     """Rank 0's record of training: a line on stdout, TensorBoard, wandb, losses.jsonl."""
 
-    def __init__(self, config: TrainConfig, experiment: Path, total_steps: int, world: int) -> None:
+    def __init__(self, config: TrainConfig, experiment: Path, total_steps: int, dp_size: int) -> None:
         from tensorboardX import SummaryWriter
 
-        self.config, self.experiment, self.total_steps, self.world = config, experiment, total_steps, world
+        self.config, self.experiment, self.total_steps, self.dp_size = config, experiment, total_steps, dp_size
         self.writer = SummaryWriter(str(experiment / "tensorboard"))
         self.run = _wandb_run(config, experiment)
         self.wait = self.compute = 0.0
@@ -247,7 +254,7 @@ class TrainLog:
     def record(self, state: TrainState, metrics: dict, batch_size: int, wait: float, compute: float) -> None:
         """Count a finished step; write it out when it is the first or a `log_every` step."""
         self.wait, self.compute = self.wait + wait, self.compute + compute
-        self.samples += batch_size * self.world
+        self.samples += batch_size * self.dp_size  # one batch per data-parallel group
         step = state.global_step
         if step % self.config.log_every and step != 1:
             return
@@ -297,20 +304,23 @@ def _wandb_run(config: TrainConfig, experiment: Path):
     return wandb.init(project="sora", name=experiment.name, dir=str(experiment), config={"model": config.model.type})
 
 
-def _write_worker_info(experiment: Path, world: int, device: torch.device, dtype: str) -> None:
+def _write_worker_info(experiment: Path, place: sequence_parallel.Layout, device: torch.device, dtype: str) -> None:
     """What the worker runs on and computes in, and proof that no VAE or text encoder was loaded."""
     heavy = [name for name in ("sora_model.vae", "sora_model.text_encoder", "diffusers") if name in sys.modules]
-    info = {"world_size": world, "device": str(device), "dtype": dtype, "encoders_loaded": heavy}
+    info = {"world_size": place.world, "sp_size": place.sp_size, "device": str(device), "dtype": dtype,
+            "encoders_loaded": heavy}  # fmt: skip
     (experiment / "worker.json").write_text(json.dumps(info) + "\n")
 
 
-def _batches(data: CacheBatches, config: TrainConfig, epoch: int, step: int, rank: int, world: int) -> Iterator[dict]:
-    """This rank's batches from the data position (epoch, step) on, epoch after epoch, as
-    `TrainState.advance` walks them."""
+def _batches(
+    data: CacheBatches, config: TrainConfig, epoch: int, step: int, dp_rank: int, dp_size: int
+) -> Iterator[dict]:
+    """This data-parallel rank's batches from the data position (epoch, step) on, epoch after
+    epoch, as `TrainState.advance` walks them."""
     rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
     while True:
-        plan = plan_epoch(rows, sizes, config.seed, epoch, world)
-        for _, batch in data.iterate(plan, rank, config.seed, epoch, step):
+        plan = plan_epoch(rows, sizes, config.seed, epoch, dp_size)
+        for _, batch in data.iterate(plan, dp_rank, config.seed, epoch, step):
             yield batch
         epoch, step = epoch + 1, 0
 
@@ -330,10 +340,14 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
 
     config = job.config
     torch.manual_seed(config.seed)
+    # world = dp x sp: the ranks of an SP group train one batch, seeded by their DP rank.
+    place = sequence_parallel.layout(rank, world, config.sp_size)
+    sp_group = sequence_parallel.new_groups(place) if config.sp_size > 1 else None
     data = CacheBatches(Cache(job.cache_dir), config.mask_ratios, config.eval_fraction)
-    eval_batches = data.eval_batches(data.batch_sizes(config.buckets)) if rank == 0 else []
+    # The eval loss is computed by the first SP group (its ranks run the model together).
+    eval_batches = data.eval_batches(data.batch_sizes(config.buckets)) if place.dp_rank == 0 else []
     device = job.device
-    engine, ema, diffusion = build_training(config, data.cache.text_dim(), device, with_ema=rank == 0)
+    engine, ema, diffusion = build_training(config, data.cache.text_dim(), device, rank == 0, sp_group)
     state = TrainState()
     # Where to continue from: the runner's checkpoint (after a restart), else `--load`, else
     # the newest complete checkpoint of this experiment.
@@ -342,20 +356,22 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
             state = load_checkpoint(Path(found), engine, ema)
     if state.step >= job.steps_per_epoch:  # an epoch's length depends on the number of workers
         raise ConfigError(
-            f"the checkpoint stands at step {state.step} of epoch {state.epoch}, but with {world} worker(s) an "
-            f"epoch has {job.steps_per_epoch} steps: resume with the number of workers it was written with"
+            f"the checkpoint stands at step {state.step} of epoch {state.epoch}, but with {place.dp_size} "
+            f"data-parallel group(s) an epoch has {job.steps_per_epoch} steps: resume with the number of workers "
+            "and the sp_size it was written with"
         )
-    log = TrainLog(config, job.experiment, job.total_steps, world) if rank == 0 else None
+    log = TrainLog(config, job.experiment, job.total_steps, place.dp_size) if rank == 0 else None
     if rank == 0:
-        _write_worker_info(job.experiment, world, engine.device, device.dtype)
+        _write_worker_info(job.experiment, place, engine.device, device.dtype)
     on_cuda = engine.device.type == "cuda"
-    batches = Prefetcher(_batches(data, config, state.epoch, state.step, rank, world), pin_memory=on_cuda)
+    batches = Prefetcher(_batches(data, config, state.epoch, state.step, place.dp_rank, place.dp_size),
+                         pin_memory=on_cuda)  # fmt: skip
     try:
         while state.global_step < job.total_steps:
             wait, batch = next(batches)
             started = time.perf_counter()
             batch = {name: tensor.to(engine.device, non_blocking=True) for name, tensor in batch.items()}
-            key = StepKey(config.seed, state.epoch, state.step, rank)  # the data position before this step
+            key = StepKey(config.seed, state.epoch, state.step, place.dp_rank)  # the data position before this step
             metrics = train_step(engine, diffusion, batch, config.model.type, key)
             if ema is not None:
                 update_ema(ema, engine.module, config.ema_decay)
@@ -364,8 +380,9 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
             if log is not None:
                 log.record(state, metrics, batch["x"].shape[0], wait, time.perf_counter() - started)
             if eval_batches and (state.global_step % (config.eval_every or config.ckpt_every) == 0 or done):
-                log.record_eval(state.global_step, evaluate(engine.module, diffusion, data, eval_batches,
-                                                            config.model.type, engine.device))  # fmt: skip
+                eval_loss = evaluate(engine.module, diffusion, data, eval_batches, config.model.type, engine.device)
+                if log is not None:
+                    log.record_eval(state.global_step, eval_loss)
             saved = state.global_step % config.ckpt_every == 0 or done
             if saved:
                 folder = checkpoint_dir(job.experiment, state.global_step)

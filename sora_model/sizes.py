@@ -34,6 +34,8 @@ MODEL_SIZES: dict[str, ModelSize] = {
     # Trains on 2 CPU cores in seconds; used by configs/debug and the tests.
     # (hidden size divisible by 3: STDiT2's size conditioning splits it in thirds)
     "debug": ModelSize(Family.STDIT2, depth=2, hidden_size=96, num_heads=4),
+    # The same for Open-Sora 1.0's STDiT (fixed size): debug variants of its configs.
+    "debug-stdit": ModelSize(Family.STDIT, depth=2, hidden_size=96, num_heads=4),
     # Learns the demo set's captions on 2 CPU cores in an hour; configs/demo and `make demo-model`.
     "demo": ModelSize(Family.STDIT2, depth=3, hidden_size=120, num_heads=4),
 }

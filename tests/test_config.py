@@ -443,6 +443,16 @@ def test_opensora_sequence_parallel_file_loads_as_zero2_seq():
     assert any("as plugin 'zero2-seq'" in notice for notice in notices)
 
 
+def test_our_sequence_parallel_recipe_splits_over_pairs_of_workers():
+    from pipelines.train import check_sequence_parallel
+
+    config = load_config(ROOT / "configs/opensora/train/64x512x512-sp.py", "train")
+    assert (config.plugin, config.sp_size, config.model.type) == ("zero2-seq", 2, "STDiT-XL/2")
+    check_sequence_parallel(config, 4)  # 2 groups of 2
+    with pytest.raises(ConfigError, match="got 3: use --num-workers 2"):
+        check_sequence_parallel(config, 3)
+
+
 def test_sp_size_without_the_models_switch_still_needs_zero2_seq(tmp_path: Path):
     with pytest.raises(ConfigError, match="sp_size=2 needs plugin='zero2-seq'"):
         load_config(write(tmp_path, TRAIN_MINIMAL + "sp_size = 2\n"), "train")

@@ -141,15 +141,6 @@ def test_resume_continues_with_the_same_losses(trained, clean_cache, schedule, t
         assert loss == pytest.approx(original[step], rel=1e-5, abs=1e-6), step
 
 
-def test_sequence_parallelism_says_not_yet(clean_cache, tmp_path):
-    cache, config = clean_cache
-    text = config.read_text().replace('plugin = "zero2"', 'plugin = "zero2-seq"').replace("sp_size = 1", "sp_size = 2")
-    (tmp_path / "seq.py").write_text(text)
-    result = run_sora("train", str(tmp_path / "seq.py"), "--data-path", str(cache), "--outputs", str(tmp_path))
-    assert result.returncode == 2
-    assert "plugin 'zero2-seq' (sequence parallelism) is not implemented yet" in result.stderr
-
-
 def test_gpu_asked_on_a_cluster_without_gpus_is_a_clear_error(clean_cache, tmp_path):
     cache, config = clean_cache
     result = run_sora("train", str(config), "--data-path", str(cache), "--outputs", str(tmp_path / "out"), "--gpu")
