@@ -17,7 +17,7 @@ DEMO_LONG_PROMPT ?= a white square moves down on a yellow background
 # make demo-model: where it works, how much demo data, how long (see README, The demo model)
 DEMO_MODEL_DIR ?= demo-model
 DEMO_MODEL_SAMPLES ?= 96
-DEMO_MODEL_EPOCHS ?= 350
+DEMO_MODEL_EPOCHS ?= 272
 # An NVIDIA GPU is present when nvidia-smi lists one.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 

@@ -86,7 +86,9 @@ def plan_demo(num: int = 24, seed: int = 0) -> list[DemoItem]:
             text = f"{_article(color)} {color} {shape} on {_article(background)} {background} background"
             items.append(DemoItem(f"image_{index:03d}.{extension}", text, "image", width, height, 1, 0, **scene))
         else:
-            num_frames = rng.randrange(10, 49)
+            # One crossing, a little longer than the 16 frames a demo training window spans (8
+            # latent frames at stride 2): every window shows nearly all of it (README, The demo model).
+            num_frames = rng.randrange(17, 21)
             fps = rng.choice(FRAME_RATES)
             text = (
                 f"{_article(color)} {color} {shape} moves {direction} on {_article(background)} {background} background"

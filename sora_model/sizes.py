@@ -36,6 +36,8 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "debug": ModelSize(Family.STDIT2, depth=2, hidden_size=96, num_heads=4),
     # The same for Open-Sora 1.0's STDiT (fixed size): debug variants of its configs.
     "debug-stdit": ModelSize(Family.STDIT, depth=2, hidden_size=96, num_heads=4),
-    # Learns the demo set's captions on 2 CPU cores in an hour; configs/demo and `make demo-model`.
-    "demo": ModelSize(Family.STDIT2, depth=3, hidden_size=120, num_heads=4),
+    # Learns the demo set's captions on 2 CPU cores in about an hour; configs/demo and `make
+    # demo-model`. Open-Sora 1.0's STDiT: its absolute frame positions let the model place the
+    # shape by frame (STDiT2 has only RoPE's relative ones); README, The demo model.
+    "demo": ModelSize(Family.STDIT, depth=3, hidden_size=120, num_heads=4),
 }

@@ -37,7 +37,9 @@ def test_the_mix_covers_orientations_videos_and_images():
     shapes = {(item.width > item.height) - (item.width < item.height) for item in plan}
     assert shapes == {1, 0, -1}  # landscape, square, portrait
     assert len({item.fps for item in plan if item.kind == "video"}) >= 3
-    assert len({item.num_frames for item in plan if item.kind == "video"}) >= 5
+    # One crossing a clip, a little longer than a demo training window (16 frames at stride 2).
+    lengths = {item.num_frames for item in plan if item.kind == "video"}
+    assert len(lengths) >= 3 and lengths <= set(range(17, 21))
 
 
 def test_clips_decode_with_decord_at_the_promised_size(demo_csv: Path):

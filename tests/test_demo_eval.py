@@ -104,7 +104,7 @@ def test_the_demo_files_score_100_percent_against_their_own_captions(judged: lis
 
 def test_rendered_demo_frames_of_every_colour_judge_right():
     """Without a codec in between: every palette colour, as shape and as background."""
-    items = [item for item in plan_demo(30, seed=1) if item.kind != "broken"]
+    items = [item for item in plan_demo(30, seed=2) if item.kind != "broken"]  # seed 2 uses every colour both ways
     assert {item.color for item in items} == {item.background for item in items} == set(COLORS)
     for item in items:
         assert measured(np.stack(list(render_frames(item)))) == attributes(item), item

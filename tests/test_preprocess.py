@@ -285,7 +285,7 @@ def test_cache_at_a_uri(demo_csv, debug_models, tmp_path):
     rows += [f"{lines[1]},,,,", f"{lines[2].split(',')[0]},,,,,"]
     rows += [
         "clip_000.mp4,the table says 500 frames,500,144,256,30",
-        "clip_001.mp4,the table says square,32,256,256,30",
+        "clip_001.mp4,the table says square,17,256,256,30",  # frames it has (17-20), not its size
     ]
     table = demo_csv.parent / "with_bad_rows.csv"
     table.write_text("\n".join(rows) + "\n")

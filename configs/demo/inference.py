@@ -42,10 +42,10 @@ prompt = [  # captions of clips the demo model was trained on (sora demo-data --
     "a yellow square moves up on an orange background",
     "an orange circle moves right on a purple background",
     "a purple triangle moves left on a yellow background",
+    "a blue triangle moves right on a white background",
     "a blue square moves right on a green background",
-    "a yellow circle moves right on a black background",
-    "a black square moves down on a red background",
-    "a red circle moves right on a yellow background",
+    "a yellow triangle moves right on an orange background",
+    "a black triangle moves up on a yellow background",
 ]
 save_dir = "demo/samples"
 

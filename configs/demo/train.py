@@ -8,10 +8,12 @@
 # scheduler), short clips at the smallest resolution, and a learning rate far above Open-Sora's
 # (the model is 2,000 times smaller).
 
-# Sample size: the bucket_config below decides it per sample.
-num_frames = None
-frame_interval = 2  # every other frame: twice the motion per latent frame (see the README)
-image_size = None
+# Sample size: the bucket_config below decides it per sample. The demo model is an STDiT
+# (Open-Sora 1.0), whose position tables are built for one size: this one, the demo's sampling
+# size; other buckets get theirs computed per batch.
+num_frames = 8
+frame_interval = 2  # every other frame: a training window spans a whole crossing (see the README)
+image_size = (144, 256)
 
 # Dataset: `sora demo-data demo/data`
 root = None
@@ -83,9 +85,9 @@ ema_decay = 0.99
 eval_fraction = 0.1  # held-out samples, chosen by id
 eval_every = 50
 preview_prompts = [  # captions of demo clips (sora demo-data, seed 0)
-    "a red circle moves right on a yellow background",
-    "a black square moves down on a red background",
-    "a blue triangle moves left on a white background",
+    "a white square moves down on a yellow background",
+    "an orange circle moves right on a purple background",
+    "a purple triangle moves left on a yellow background",
 ]
 preview_every = None  # at each checkpoint
 preprocess = dict(
