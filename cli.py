@@ -144,6 +144,26 @@ def preprocess(
     typer.echo(_run(commands.preprocess, data, config_path, cache_dir, address), nl=False)
 
 
+cache_app = typer.Typer(help="Inspect a preprocessed cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache_dir: Annotated[str, typer.Argument(metavar="DIR", help="The cache folder (or URI) to check.")],
+) -> None:
+    """Check a cache from its manifest down to every tensor: shard checksums, shapes, finite values.
+
+    Exit code 0 when it is intact, 1 when a problem was found (each named), 2 when DIR is not a
+    finished cache.
+    """
+    from pipelines.cache_verify import verify
+
+    result = _run(verify, cache_dir)
+    typer.echo(result.format(), nl=False)
+    raise typer.Exit(code=0 if result.ok else 1)
+
+
 @app.command("bucket-report")
 def bucket_report(
     source: Annotated[

@@ -1,7 +1,9 @@
 """The pre-encoded cache: layout, Arrow schema, atomic writes, and a small reader API.
 
 ```
-<cache>/manifest.json                          written last; the cache is valid only with it
+<cache>/manifest.json                          written last; the cache is valid only with it. It holds
+                                               the sha256, size and rows of every shard; a reader
+                                               checks a shard's bytes once per process (`Cache`)
 <cache>/buckets/<res>-<T>f-<ar>/part-*.arrow   Arrow IPC shards, one folder per bucket
 <cache>/rejects.arrow                          every input row not kept: path, text, stage, reason, detail
 <cache>/probe.arrow                            every input row: probe metadata, bucket or drop reason
@@ -15,6 +17,7 @@ a fresh posterior sample every step. Text embeddings hold the real tokens only.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -33,13 +36,15 @@ import torch
 from pipelines.config import ConfigError, TrainConfig
 from sora_model.loading import DTYPES
 
-FORMAT_VERSION = 2  # 2: rejects and probe tables carry the input row
+FORMAT_VERSION = 3  # 2: rejects and probe tables carry the input row; 3: shard checksums in the manifest
 MANIFEST = "manifest.json"
 PROBE = "probe.arrow"
 REJECTS = "rejects.arrow"
 BUCKETS_DIR = "buckets"
 WORK_DIR = ".work"  # resumable state of an unfinished run; removed when the manifest is written
 FINGERPRINT = f"{WORK_DIR}/fingerprint.json"  # what an unfinished run was started with
+CHECKSUMS_DIR = f"{WORK_DIR}/checksums"  # a shard's checksum, written just before the shard
+TEMP_PATTERN = ".*.tmp"  # files being written (Store._write); left behind only by a failed run
 
 # Column names (one place).
 ID = "id"
@@ -159,16 +164,24 @@ class Store:
         folder, name = final.rsplit("/", 1)
         self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.{name}.{os.getpid()}.tmp"
-        with self.fs.open_output_stream(tmp) as sink:
-            write(sink)
-        self.fs.move(tmp, final)
+        try:
+            with self.fs.open_output_stream(tmp) as sink:
+                write(sink)
+            self.fs.move(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk, an interrupt: leave no partial file
+                self.fs.delete_file(tmp)
+            raise
 
     def write_table(self, relative: str, table: pa.Table) -> None:
-        def write(sink) -> None:
-            with ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
+        self.write_bytes(relative, table_bytes(table))
 
-        self._write(relative, write)
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        self._write(relative, lambda sink: sink.write(data))
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as source:
+            return source.read()
 
     def read_table(self, relative: str) -> pa.Table:
         with self.fs.open_input_file(self.path(relative)) as source:
@@ -195,9 +208,32 @@ class Store:
         if self.fs.get_file_info(self.path(relative)).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(relative))
 
+    def delete_file(self, relative: str) -> None:
+        self.fs.delete_file(self.path(relative))
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """An Arrow IPC file of `table`, in memory (so its checksum is known before it is written)."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def shard_record(data: bytes, rows: int) -> dict[str, Any]:
+    """What the manifest keeps of a shard: its sha256, size in bytes and rows."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": rows}
+
 
 class CacheError(ConfigError):
     """A folder that is not a complete cache, or one written for another config."""
+
+
+class CorruptShardError(CacheError):
+    """A shard whose bytes are not those the manifest recorded."""
+
+
+_VERIFIED: set[tuple[str, str, str]] = set()  # (cache, shard, sha256) checked in this process
 
 
 @dataclass(frozen=True)
@@ -233,12 +269,29 @@ class Cache:
         return sorted(self.manifest["buckets"])
 
     def shards(self, bucket: str) -> list[str]:
-        """Shard files of a bucket, relative to the cache."""
-        return self.store.files(f"{BUCKETS_DIR}/{bucket}", "part-*.arrow")
+        """Shard files of a bucket, relative to the cache, as the manifest lists them."""
+        return sorted(shard for shard in self.manifest["shards"] if shard.split("/")[-2] == bucket)
+
+    def read_shard(self, shard: str) -> pa.Table:
+        """One shard, its bytes checked against the manifest the first time this process reads it."""
+        expected = self.manifest["shards"][shard]["sha256"]
+        key = (self.store.location, shard, expected)
+        if key in _VERIFIED:
+            return self.store.read_table(shard)
+        data = self.store.read_bytes(shard)
+        found = hashlib.sha256(data).hexdigest()
+        if found != expected:
+            raise CorruptShardError(
+                f"{self.store.path(shard)}: corrupt shard (sha256 {found[:16]}..., the manifest says "
+                f"{expected[:16]}...); `sora cache verify {self.store.location}` checks the whole cache, and "
+                "`sora preprocess` into a fresh --cache-dir rebuilds it"
+            )
+        _VERIFIED.add(key)
+        return ipc.open_file(pa.BufferReader(data)).read_all()
 
     def table(self, bucket: str) -> pa.Table:
         """All rows of one bucket as one Arrow table."""
-        return pa.concat_tables([self.store.read_table(shard) for shard in self.shards(bucket)])
+        return pa.concat_tables([self.read_shard(shard) for shard in self.shards(bucket)])
 
     def probe_table(self) -> pa.Table:
         return self.store.read_table(PROBE)
@@ -253,7 +306,7 @@ class Cache:
 
     def iter_samples(self, bucket: str) -> Iterator[CachedSample]:
         for shard in self.shards(bucket):
-            for row in self.store.read_table(shard).to_pylist():
+            for row in self.read_shard(shard).to_pylist():
                 yield sample_from_row(row, bucket)
 
 

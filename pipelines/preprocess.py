@@ -325,8 +325,10 @@ def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None =
     store = cache.Store(cache_dir)
     table_path = Path(config.data_path)
     table = read_table(table_path)  # fails here, before any work, on a missing column
-    parts = cache.fingerprint(config, _input_digest(table))
+    parts = cache.fingerprint(config, _input_digest(table, config.root))
     cache.check_same_run(store, parts)
+    if store.exists(cache.MANIFEST) or store.exists(cache.FINGERPRINT):  # ours: a cache, finished or not
+        _remove_temp_files(store)
     if store.exists(cache.MANIFEST):
         _log(f"{store.location} is up to date with this config and input; nothing to do")
         return _summary_from_manifest(store.read_json(cache.MANIFEST), up_to_date=True)
@@ -348,10 +350,21 @@ def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None =
     return summary
 
 
-def _input_digest(table: pd.DataFrame) -> str:
-    digest = hashlib.sha256()
-    for path, text in zip(table["path"].astype(str), table["text"].fillna("").astype(str), strict=True):
-        digest.update(f"{path}\0{text}\n".encode())
+def _remove_temp_files(store: cache.Store) -> None:
+    """Half-written files of a run that failed (a full disk, a kill): never part of a cache."""
+    for relative in store.files("", cache.TEMP_PATTERN):
+        store.delete_file(relative)
+        _log(f"removed {store.path(relative)}, left by a failed run")
+
+
+def _input_digest(table: pd.DataFrame, root: str | None) -> str:
+    """What of the input decides the cache's bytes: every row's path, caption and metadata columns
+    (a corrected num_frames re-buckets its row), and `root`, which relative paths resolve against."""
+    columns = ["path", "text", *(column for column in METADATA_COLUMNS if column in table.columns)]
+    digest = hashlib.sha256(f"root={root}\ncolumns={','.join(columns)}\n".encode())
+    values = table[columns].astype(object).where(table[columns].notna(), "").astype(str)
+    for row in values.itertuples(index=False, name=None):
+        digest.update(("\0".join(row) + "\n").encode())
     return digest.hexdigest()[:16]
 
 
@@ -514,7 +527,8 @@ def _check_resources(config: TrainConfig, cluster: dict[str, float]) -> None:
 
 
 def _write_shard(store: cache.Store, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
-    """Rejects of the shard first (in the work folder), then the shard itself: both atomic."""
+    """Rejects of the shard first (in the work folder), then its checksum, then the shard
+    itself: each atomic, the shard last (a shard that exists is done)."""
     rows = rows.sort_values(cache.ID)
     store.write_table(f"{cache.WORK_DIR}/rejects/{shard.replace('/', '__')}.arrow", cache.rejects_table(rows))
     kept = rows[rows[REJECT_STAGE].isna()]
@@ -522,7 +536,9 @@ def _write_shard(store: cache.Store, shard: str, rows: pd.DataFrame, frame_inter
     table = pa.Table.from_pandas(
         kept[list(cache.SAMPLE_SCHEMA.names)], schema=cache.SAMPLE_SCHEMA, preserve_index=False
     )
-    store.write_table(f"{cache.BUCKETS_DIR}/{shard}.arrow", table)
+    data = cache.table_bytes(table)
+    store.write_json(_checksum_file(shard), cache.shard_record(data, table.num_rows))
+    store.write_bytes(f"{cache.BUCKETS_DIR}/{shard}.arrow", data)
 
 
 def _finish(store: cache.Store, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
@@ -533,8 +549,11 @@ def _finish(store: cache.Store, probed: pd.DataFrame, parts: dict[str, str]) -> 
     store.write_table(cache.REJECTS, rejects)
 
     kept: Counter[str] = Counter()
+    shards = {}
     for shard in store.files(cache.BUCKETS_DIR, "part-*.arrow"):
-        kept[shard.split("/")[-2]] += store.read_table(shard).num_rows
+        name = shard.removeprefix(f"{cache.BUCKETS_DIR}/").removesuffix(".arrow")  # <bucket>/part-NNNNN
+        shards[shard] = store.read_json(_checksum_file(name))  # written just before the shard
+        kept[shard.split("/")[-2]] += shards[shard]["rows"]
     stages = rejects.column(cache.STAGE).to_pylist()
     reasons = rejects.column(cache.REASON).to_pylist()
     dropped = Counter(r for s, r in zip(stages, reasons, strict=True) if s == BUCKETING)
@@ -549,12 +568,18 @@ def _finish(store: cache.Store, probed: pd.DataFrame, parts: dict[str, str]) -> 
         "dropped": sum(dropped.values()),
         "dropped_by_reason": dict(sorted(dropped.items())),
         "rejected_by_reason": dict(sorted(rejected.items())),
+        "shards": shards,
     }
     if manifest["rows_in"] != manifest["kept"] + manifest["rejected"] + manifest["dropped"]:
         raise RuntimeError(f"row accounting is off: {manifest}")  # a bug, never a user error
     store.write_json(cache.MANIFEST, manifest)
     store.delete_dir(cache.WORK_DIR)
     return _summary_from_manifest(manifest)
+
+
+def _checksum_file(shard: str) -> str:
+    """Where the checksum of shard `<bucket>/part-NNNNN` waits for the manifest."""
+    return f"{cache.CHECKSUMS_DIR}/{shard.replace('/', '__')}.json"
 
 
 def _summary_from_manifest(manifest: dict[str, Any], up_to_date: bool = False) -> Summary:
