@@ -274,10 +274,12 @@ def write_cache(folder: Path, sizes: Sizes, samples: int) -> Path:
             cache.TEXT_EMB: text_bytes, cache.TEXT_SHAPE: text_shape, cache.TEXT_DTYPE: text_dtype,
             cache.NUM_TOKENS: REAL_TOKENS,
         })  # fmt: skip
-    store = cache.Store(folder)
-    store.write_table(f"{cache.BUCKETS_DIR}/{bucket}/part-00000.arrow", pa.Table.from_pylist(rows, cache.SAMPLE_SCHEMA))
+    store, shard = cache.Store(folder), f"{cache.BUCKETS_DIR}/{bucket}/part-00000.arrow"
+    data = cache.table_bytes(pa.Table.from_pylist(rows, cache.SAMPLE_SCHEMA))
+    store.write_bytes(shard, data)
     store.write_json(cache.MANIFEST, {"format_version": cache.FORMAT_VERSION, "fingerprint": {},
-                                      "buckets": {bucket: samples}, "rows_in": samples, "kept": samples})  # fmt: skip
+                                      "buckets": {bucket: samples}, "rows_in": samples, "kept": samples,
+                                      "shards": {shard: cache.shard_record(data, samples)}})  # fmt: skip
     return folder
 
 

@@ -25,7 +25,7 @@ COMMANDS = (
     "fit-demo-vae",
     "config",
 )
-
+GROUPS = {"cache": ["verify"]}  # sora GROUP COMMAND
 
 # What each command's --help must list: its arguments (by metavar) and its options, short forms included.
 # Written out here, not read from cli.py: a flag that disappears from the CLI fails the test.
@@ -40,7 +40,7 @@ HELP = {
     "train": (
         ["CONFIG"],
         "--data-path --outputs --load --ckpt-path --num-workers --gpu --no-gpu --address --batch-size --lr --epochs "
-        "--seed --wandb --no-wandb".split(),
+        "--seed --wandb --no-wandb --sp-size".split(),
     ),
     "search-batch-size": (
         ["CONFIG"],
@@ -96,7 +96,7 @@ def test_help_lists_every_command_with_a_line_of_help():
     result = sora("--help")
     assert result.returncode == 0, result.stderr
     commands = help_rows(result.stdout, "Commands")
-    assert set(commands) == set(COMMANDS), result.stdout
+    assert set(commands) == set(COMMANDS) | set(GROUPS), result.stdout
     for command, (_, words) in commands.items():
         assert len(" ".join(words)) > 20, f"{command} has no help text"
     assert set(help_rows(result.stdout, "Options")) == {"--help"}
@@ -116,6 +116,16 @@ def test_each_commands_help_lists_its_arguments_and_flags(command: str):
         required, words = options[flag]
         assert len(words) >= 2, f"{flag} has no help text"  # its type, then its help
         assert required == (flag in REQUIRED.get(command, [])), flag
+
+
+def test_cache_group_lists_verify_and_verify_takes_the_cache_folder():
+    result = sora("cache", "--help")
+    assert result.returncode == 0, result.stderr
+    assert list(help_rows(result.stdout, "Commands")) == GROUPS["cache"]
+    verify = sora("cache", "verify", "--help")
+    assert verify.returncode == 0, verify.stderr
+    assert list(help_rows(verify.stdout, "Arguments")) == ["DIR"]
+    assert "exit code 0 when it is intact, 1 when a problem was found" in " ".join(verify.stdout.split()).lower()
 
 
 def test_a_malformed_mask_strategy_flag_is_one_line_naming_the_tuple():
