@@ -220,6 +220,11 @@ def table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def table_from_bytes(data: bytes) -> pa.Table:
+    """Inverse of `table_bytes`."""
+    return ipc.open_file(pa.BufferReader(data)).read_all()
+
+
 def shard_record(data: bytes, rows: int) -> dict[str, Any]:
     """What the manifest keeps of a shard: its sha256, size in bytes and rows."""
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": rows}
@@ -287,7 +292,7 @@ class Cache:
                 "`sora preprocess` into a fresh --cache-dir rebuilds it"
             )
         _VERIFIED.add(key)
-        return ipc.open_file(pa.BufferReader(data)).read_all()
+        return table_from_bytes(data)
 
     def table(self, bucket: str) -> pa.Table:
         """All rows of one bucket as one Arrow table."""

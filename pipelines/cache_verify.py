@@ -21,7 +21,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import torch
 from tqdm import tqdm
 
@@ -107,7 +106,7 @@ def _samples(manifest: dict, intact: dict[str, bytes], progress: bool) -> Check:
     check, rows, counts = Check("samples"), 0, Counter()
     for name, data in tqdm(sorted(intact.items()), desc="samples", unit="shard", disable=not progress):
         bucket = name.split("/")[-2]
-        table = ipc.open_file(pa.BufferReader(data)).read_all()
+        table = cache.table_from_bytes(data)
         recorded = manifest["shards"][name]["rows"]
         if table.num_rows != recorded:
             check.problems.append(f"{name}: {table.num_rows} rows, the manifest says {recorded}")

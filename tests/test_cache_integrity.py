@@ -35,7 +35,7 @@ def test_manifest_holds_each_shards_checksum_size_and_rows(clean_cache):
         data = (folder / name).read_bytes()
         assert record["sha256"] == hashlib.sha256(data).hexdigest()
         assert record["bytes"] == len(data)
-        assert record["rows"] == pa.ipc.open_file(pa.BufferReader(data)).read_all().num_rows
+        assert record["rows"] == cache.table_from_bytes(data).num_rows
     assert sum(r["rows"] for r in manifest["shards"].values()) == manifest["kept"]
 
 
@@ -67,7 +67,7 @@ def test_flipped_bytes_are_found_by_readers_verify_and_training(copy, clean_cach
 def test_verify_finds_non_finite_tensors_missing_and_unlisted_shards(copy):
     manifest = json.loads((copy / cache.MANIFEST).read_text())
     shard = first_shard(copy)
-    table = pa.ipc.open_file(pa.BufferReader((copy / shard).read_bytes())).read_all()
+    table = cache.table_from_bytes((copy / shard).read_bytes())
     rows = table.to_pylist()
     latent = cache.bytes_to_tensor(rows[0][cache.LATENT_MEAN], rows[0][cache.LATENT_SHAPE], rows[0][cache.LATENT_DTYPE])
     latent.view(-1)[3] = float("nan")
