@@ -5,9 +5,9 @@ that split its tokens (`pipelines.sequence_parallel`), each with one CPU thread 
 (NCCL, when there are at least `sp` GPUs; bf16 autocast). Per worker it reports the activations
 saved for the backward pass (tensors other than the weights, counted once per storage), the
 peak memory (max RSS on CPU, max allocated on CUDA) and the seconds per step; the ratios are
-against sp_size 1.
+against sp_size 1. Each sp_size above 1 runs once per layout of `--split` (space, time).
 
-    python benchmarks/sequence_parallel.py [--size debug] [--latent 16 32 32] [--sp 1 2] [--steps 2]
+    python benchmarks/sequence_parallel.py [--size debug] [--latent 16 32 32] [--sp 1 2] [--split space time]
     python benchmarks/sequence_parallel.py --size STDiT-XL/2 --latent 64 64 64   # 64x512x512, on GPUs
 """
 
@@ -46,7 +46,7 @@ class SavedActivations:
         return sum(self.storages.values())
 
 
-def worker(rank: int, sp: int, args: argparse.Namespace, port: int, results) -> None:
+def worker(rank: int, sp: int, split: str, args: argparse.Namespace, port: int, results) -> None:
     from pipelines.models import size_inputs
     from pipelines.sequence_parallel import install
     from sora_model.sizes import MODEL_SIZES, Family
@@ -66,7 +66,7 @@ def worker(rank: int, sp: int, args: argparse.Namespace, port: int, results) -> 
     model = build_model(args.size, text_dim, CAPTION, **({"input_size": tuple(args.latent)} if fixed else {}))
     model = model.to(device).train()
     if sp > 1:
-        install(model, dist.group.WORLD, sp)
+        install(model, dist.group.WORLD, sp, split)
     x = torch.randn(1, 4, frames, height, width, device=device)
     y = torch.randn(1, CAPTION, text_dim, device=device)
     y_mask = (torch.arange(CAPTION, device=device) < REAL_TOKENS)[None]  # (1, L)
@@ -101,10 +101,10 @@ def worker(rank: int, sp: int, args: argparse.Namespace, port: int, results) -> 
     dist.destroy_process_group()
 
 
-def run(sp: int, args: argparse.Namespace, port: int) -> list[float]:
+def run(sp: int, split: str, args: argparse.Namespace, port: int) -> list[float]:
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(worker, args=(sp, args, port, results), nprocs=sp, start_method="spawn")
+    mp.start_processes(worker, args=(sp, split, args, port, results), nprocs=sp, start_method="spawn")
     return results.get()
 
 
@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--size", default="debug", help="a model type of sora_model/sizes.py (STDiT or STDiT2)")
     parser.add_argument("--latent", type=int, nargs=3, default=[16, 32, 32], metavar=("T", "H", "W"))
     parser.add_argument("--sp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--split", nargs="+", choices=["space", "time"], default=["space", "time"],
+                        help="sp_split layouts to run for each sp_size above 1")  # fmt: skip
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.device_count() >= max(args.sp) else "cpu"
@@ -121,13 +123,15 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU, 1 thread per worker"
     print(f"{args.size}, latent {frames}x{height}x{width} ({tokens} tokens), batch 1, forward + backward; {where}")
     print(
-        f"{'sp_size':>7} {'activations MiB':>16} {'ratio':>6} {'peak MiB':>9} {'ratio':>6} {'s/step':>7} {'ratio':>6}"
+        f"{'sp_size':>7} {'split':>6} {'activations MiB':>16} {'ratio':>6} {'peak MiB':>9} {'ratio':>6} "
+        f"{'s/step':>7} {'ratio':>6}"
     )
+    runs = [(sp, split) for sp in args.sp for split in (args.split if sp > 1 else ["-"])]
     base = None
-    for index, sp in enumerate(args.sp):
-        activations, peak, seconds = run(sp, args, 29600 + index)
+    for index, (sp, split) in enumerate(runs):
+        activations, peak, seconds = run(sp, "space" if split == "-" else split, args, 29600 + index)
         base = base or (activations, peak, seconds)
-        print(f"{sp:>7} {activations / 2**20:>16.1f} {activations / base[0]:>6.2f} {peak / 2**20:>9.1f} "
+        print(f"{sp:>7} {split:>6} {activations / 2**20:>16.1f} {activations / base[0]:>6.2f} {peak / 2**20:>9.1f} "
               f"{peak / base[1]:>6.2f} {seconds:>7.2f} {seconds / base[2]:>6.2f}")  # fmt: skip
 
 

@@ -186,6 +186,10 @@ class TrainConfig:
     grad_checkpoint: bool = False
     plugin: Literal["zero2", "zero2-seq"] = "zero2"
     sp_size: int = field(default=1, metadata=_at_least(1))
+    # ours: how a sequence-parallel group splits a sample's tokens (pipelines/sequence_parallel.py):
+    # "space" splits every frame's tokens (any frame count, images too); "time" splits the frames
+    # (Open-Sora 1.0's layout; every bucket's frame count must divide by sp_size).
+    sp_split: Literal["space", "time"] = "space"
     # models
     model: ModelConfig = ModelConfig()
     vae: VaeConfig = VaeConfig()

@@ -6,22 +6,29 @@ ranks of a group train one batch together; the epoch plan deals batches to DP ra
 everything random in a step is seeded by the DP rank (`Layout.dp_rank`), so sp_size=2 on 2
 workers trains exactly what sp_size=1 on 1 worker trains.
 
-What is split. A latent of T x h x w patches is T frames of S = h*w tokens. Each rank keeps
-a contiguous 1/sp of every frame's tokens (S is padded up to a multiple of sp; padded tokens
-are never attended to and are dropped before the final layer), and all T frames of them:
+What is split (`sp_split`). A latent of T x h x w patches is T frames of S = h*w tokens, a
+sequence of T*S. Two layouts, both exact:
 
-- spatial self-attention (a frame's S tokens) is the one place where a token needs tokens
-  another rank holds. Ulysses: q, k and v trade their head split for the sequence split
-  with one all-to-all, every rank attends over all S tokens for H/sp heads, and a second
-  all-to-all trades back. So `num_heads % sp_size == 0`.
-- temporal self-attention runs over the T frames of one spatial position; every rank holds
-  all frames of its positions, so it is exact where it is, RoPE positions included.
-- cross-attention: a token's query against the whole caption, which every rank holds: exact
-  where it is. (Open-Sora 1.0 exchanges heads here too; that moves data for nothing.)
-- the MLP and the adaLN modulation (per sample, or per frame under a frame mask) act per token.
+- "space" (the default): each rank keeps a contiguous 1/sp of every frame's tokens (S is padded
+  up to a multiple of sp; padded tokens are never attended to and are dropped before the final
+  layer), and all T frames of them.
+  - spatial self-attention (a frame's S tokens) is the one place where a token needs tokens
+    another rank holds. Ulysses: q, k and v trade their head split for the sequence split with
+    one all-to-all, every rank attends over all S tokens for H/sp heads, and a second
+    all-to-all trades back.
+  - temporal self-attention runs over the T frames of one position, all of which the rank
+    holds; cross-attention is a token's query against the whole caption, which every rank
+    holds: both are exact where they are, and exchanging would move data for nothing.
+  Images (T = 1) and any frame count split; padding makes any h*w work.
+- "time": Open-Sora 1.0's layout. Each rank keeps T/sp whole frames (a contiguous 1/sp of the
+  T*S sequence), so T must divide among the ranks (checked at start, per bucket). Spatial
+  self-attention is exact where it is; temporal self-attention exchanges as above, RoPE applied
+  over the whole T; cross-attention exchanges too, as Open-Sora 1.0's does: the queries trade
+  heads for the sequence and each rank attends with its H/sp heads of the caption.
 
-Splitting space rather than time works for images (T = 1) and any frame count; padding makes
-any h*w work, so the only divisibility asked for is that of the heads.
+Either way `num_heads % sp_size == 0`. The MLP and the adaLN modulation (per sample, or per
+frame under a frame mask) act per token; under "time" each block gets its rank's frames of the
+frame mask and of STDiT's temporal position table.
 
 The loss. The tokens are gathered before the final layer and every rank of a group computes
 the whole loss: the diffusion's losses are per-sample means over whole latents (IDDPM's
@@ -38,14 +45,16 @@ average over DP groups of each group's sum, as with one worker per batch.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from einops import rearrange
 
+from bucketing.assign import parse_bucket_name
 from pipelines.config import ConfigError
-from sora_model.layers import Attention, attention
+from sora_model.layers import Attention, CrossAttention, attention
 from sora_model.sizes import MODEL_SIZES, Family
 
 
@@ -96,6 +105,18 @@ def check_model(model_type: str, sp_size: int) -> None:
         raise ConfigError(
             f"plugin 'zero2-seq': model {model_type} has {size.num_heads} heads, not divisible by sp_size={sp_size} "
             f"(each SP rank attends with num_heads / sp_size heads)"
+        )
+
+
+def check_time_split(buckets: list[str], model_type: str, sp_size: int) -> None:
+    """sp_split='time': every bucket's latent frames (patches along T) divide among the SP ranks."""
+    patch_t = MODEL_SIZES[model_type].patch_size[0]
+    uneven = [bucket for bucket in buckets if -(-parse_bucket_name(bucket)[1] // patch_t) % sp_size]
+    if uneven:
+        raise ConfigError(
+            f"sp_split='time' with sp_size={sp_size}: the frames of bucket(s) {', '.join(uneven)} do not divide "
+            "among the ranks (each rank holds T / sp_size whole frames); drop those buckets from bucket_config "
+            "or use sp_split='space', which splits every frame's tokens and takes any frame count"
         )
 
 
@@ -177,11 +198,30 @@ class Gather(torch.autograd.Function):
 
 
 class SequenceParallel:
-    """The SP group of one rank and the token grid of the forward pass under way."""
+    """The SP group of one rank and the token grid of the forward pass under way; the split
+    itself is `SpaceSplit`'s or `TimeSplit`'s."""
 
     def __init__(self, group, sp_size: int) -> None:
         self.group, self.sp_size = group, sp_size
         self.frames = self.tokens = 0  # T and S of the latent being run (set by the model's pre-hook)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T*S, D) -> this rank's share, (B, N_local, D)."""
+        raise NotImplementedError
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share -> (B, T*S, D), every rank's share in place."""
+        raise NotImplementedError
+
+    def key_mask(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """(batch, sequence) True for the real tokens of the sequence an exchanged attention sees; None: all real."""
+        return None
+
+
+class SpaceSplit(SequenceParallel):
+    """Each rank holds a contiguous 1/sp of every frame's S tokens (S padded up to a multiple of
+    sp), all T frames of them. Spatial self-attention exchanges; temporal and cross-attention
+    are exact where they are."""
 
     @property
     def padded(self) -> int:
@@ -208,8 +248,48 @@ class SequenceParallel:
         return (torch.arange(self.padded, device=device) < self.tokens).expand(batch, -1)
 
 
+class TimeSplit(SequenceParallel):
+    """Open-Sora 1.0's layout: each rank holds T/sp whole frames (a contiguous 1/sp of the T*S
+    sequence). Spatial self-attention is exact where it is; temporal self-attention and
+    cross-attention exchange, as Open-Sora 1.0's SeqParallelAttention and
+    SeqParallelMultiHeadCrossAttention do. T must divide among the ranks."""
+
+    @property
+    def local_frames(self) -> int:
+        return self.frames // self.sp_size
+
+    def check(self) -> None:
+        if self.frames % self.sp_size:
+            raise ConfigError(
+                f"sp_split='time': a latent of {self.frames} frames (patches along T) does not divide among "
+                f"sp_size={self.sp_size} ranks; use buckets whose frame count it divides, or sp_split='space'"
+            )
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T*S, D) -> (B, T/sp*S, D): this rank's frames."""
+        self.check()
+        return Split.apply(x, self.group, 1)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return Gather.apply(x, self.group, 1)
+
+    def local(self, per_frame: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        """This rank's frames of a per-frame tensor (frame mask, temporal position table)."""
+        if per_frame is None:
+            return None
+        rank = dist.get_rank(self.group)
+        return per_frame.narrow(dim, rank * self.local_frames, self.local_frames)
+
+    def block_arguments(self, arguments: dict) -> None:
+        """A block's call as its rank sees it: its frames, their mask and temporal positions."""
+        arguments["frames"] = self.local_frames
+        arguments["x_mask"] = self.local(arguments.get("x_mask"), 1)  # (B, T/sp)
+        if "temporal_pos_embed" in arguments:  # STDiT: (1, T, D) -> (1, T/sp, D)
+            arguments["temporal_pos_embed"] = self.local(arguments["temporal_pos_embed"], 1)
+
+
 class UlyssesAttention(Attention):
-    """Spatial self-attention over tokens split across the SP group (Ulysses): heads traded for
+    """Self-attention over a sequence split across the SP group (Ulysses): heads traded for
     the sequence before attending, and back after. Same parameters and state_dict keys as
     `Attention`; `install` sets the class and `sequence_parallel` on the model's own modules."""
 
@@ -217,18 +297,34 @@ class UlyssesAttention(Attention):
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         sp = self.sequence_parallel
-        qkv = self.qkv(x)  # (B, S_pad/sp, 3D)
-        qkv = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # (3, B, H, S_pad/sp, Dh)
-        qkv = AllToAll.apply(qkv, sp.group, 2, 3)  # (3, B, H/sp, S_pad, Dh)
-        q, k, v = qkv.unbind(0)  # (B, H/sp, S_pad, Dh) each
-        if rope is not None:
+        qkv = self.qkv(x)  # (B, N/sp, 3D)
+        qkv = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # (3, B, H, N/sp, Dh)
+        qkv = AllToAll.apply(qkv, sp.group, 2, 3)  # (3, B, H/sp, N, Dh)
+        q, k, v = qkv.unbind(0)  # (B, H/sp, N, Dh) each
+        if rope is not None:  # over the whole sequence: every position where it is
             q, k = rope(q), rope(k)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = attention(
-            q, k, v, self.use_flash, key_padding_mask=sp.key_mask(q.shape[0], q.device)
-        )  # (B, H/sp, S_pad, Dh)
-        out = AllToAll.apply(out, sp.group, 2, 1)  # (B, H, S_pad/sp, Dh)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, S_pad/sp, D)
+        out = attention(q, k, v, self.use_flash, key_padding_mask=sp.key_mask(q.shape[0], q.device))  # (B, H/sp, N, Dh)
+        out = AllToAll.apply(out, sp.group, 2, 1)  # (B, H, N/sp, Dh)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N/sp, D)
+
+
+class UlyssesCrossAttention(CrossAttention):
+    """Cross-attention with queries split across the SP group: the queries trade heads for the
+    sequence, each rank attends with its H/sp heads of the caption's keys and values, and the
+    output trades back. Same parameters and state_dict keys as `CrossAttention`."""
+
+    sequence_parallel: SequenceParallel
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        sp = self.sequence_parallel
+        q = rearrange(self.q_linear(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, H, N/sp, Dh)
+        q = AllToAll.apply(q, sp.group, 1, 2)  # (B, H/sp, N, Dh)
+        k, v = rearrange(self.kv_linear(y), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)  # (B, H, L, Dh)
+        k, v = _own_chunk(k, sp.group, 1), _own_chunk(v, sp.group, 1)  # (B, H/sp, L, Dh): this rank's heads
+        out = attention(q, k, v, self.use_flash, key_padding_mask=mask)  # (B, H/sp, N, Dh)
+        out = AllToAll.apply(out, sp.group, 2, 1)  # (B, H, N/sp, Dh)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N/sp, D)
 
 
 def _block(module: torch.nn.Module) -> torch.nn.Module:
@@ -236,11 +332,12 @@ def _block(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_checkpoint_wrapped_module", module)
 
 
-def install(model: torch.nn.Module, group, sp_size: int) -> SequenceParallel:
+def install(model: torch.nn.Module, group, sp_size: int, split: str = "space") -> SequenceParallel:
     """Make `model` (STDiT or STDiT2, activation checkpointing applied or not) run with its tokens
-    split across `group`: the model's forward records the token grid, the first block's input is
-    split, every spatial attention becomes Ulysses, the final layer's input is gathered."""
-    sp = SequenceParallel(group, sp_size)
+    split across `group` along `split` ("space" or "time", see the module's docstring): the model's
+    forward records the token grid, the first block's input is split, the attentions that need
+    tokens of other ranks become Ulysses, the final layer's input is gathered."""
+    sp = {"space": SpaceSplit, "time": TimeSplit}[split](group, sp_size)
 
     def record_grid(module, args, kwargs):
         frames, rows, cols = module.patch_grid(args[0] if args else kwargs["x"])
@@ -255,8 +352,23 @@ def install(model: torch.nn.Module, group, sp_size: int) -> SequenceParallel:
     model.register_forward_pre_hook(record_grid, with_kwargs=True)
     model.blocks[0].register_forward_pre_hook(split_tokens)
     model.final_layer.register_forward_pre_hook(gather_tokens)
-    for block in model.blocks:
-        attn = _block(block).attn
-        attn.__class__ = UlyssesAttention
-        attn.sequence_parallel = sp
+    for wrapper in model.blocks:
+        block = _block(wrapper)
+        exchanged = [block.attn] if split == "space" else [block.attn_temp, block.cross_attn]
+        for module in exchanged:
+            module.__class__ = UlyssesCrossAttention if isinstance(module, CrossAttention) else UlyssesAttention
+            module.sequence_parallel = sp
+        if split == "time":
+            wrapper.register_forward_pre_hook(_local_frames(sp, inspect.signature(block.forward)), with_kwargs=True)
     return sp
+
+
+def _local_frames(sp: TimeSplit, signature: inspect.Signature):
+    """A pre-hook giving a block (through any wrapper) its rank's frames: frames, x_mask, temporal positions."""
+
+    def hook(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        sp.block_arguments(bound.arguments)
+        return bound.args, bound.kwargs
+
+    return hook

@@ -72,6 +72,8 @@ def make_plan(cache: Cache, config: TrainConfig, workers: int) -> TrainPlan:
         raise ConfigError(str(error)) from None
     data = CacheBatches(cache, eval_fraction=config.eval_fraction)
     rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
+    if config.plugin == "zero2-seq" and config.sp_split == "time":  # the buckets trained and evaluated
+        sequence_parallel.check_time_split(sorted(data.bucket_rows()), config.model.type, config.sp_size)
     steps = plan_epoch(rows, sizes, config.seed, 0, workers // config.sp_size).steps
     held_out = sum(data.bucket_rows().values()) - sum(len(r) for r in rows.values())
     return TrainPlan(sizes, rows, workers, steps, held_out, config.sp_size)

@@ -167,7 +167,7 @@ def build_training(
     if config.grad_checkpoint:
         apply_activation_checkpointing(model)
     if sp_group is not None:
-        sequence_parallel.install(model, sp_group, config.sp_size)
+        sequence_parallel.install(model, sp_group, config.sp_size, config.sp_split)
     engine = build_engine(model, config, device)
     if ema is not None:
         ema.to(engine.device)

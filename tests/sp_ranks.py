@@ -26,14 +26,18 @@ from sora_model.sizes import MODEL_SIZES
 from sora_model.stdit import MODELS
 
 CAPTION_CHANNELS, CAPTION_LENGTH = 32, 8
-# (model type, latent (T, H, W), with a frame mask, activation checkpointing): a grid of 3 x 5
-# patches (15 tokens a frame, padded to 16 for 2 ranks), one of 4 x 4, an image.
+# (model type, latent (T, H, W), with a frame mask, activation checkpointing, sp_split): split by
+# space, a grid of 3 x 5 patches (15 tokens a frame, padded to 16 for 2 ranks), one of 4 x 4, an
+# image; split by time, 4 frames (RoPE over time for STDiT2, the temporal position table for STDiT).
 CASES = [
-    ("debug", (4, 6, 10), True, False),
-    ("debug", (3, 8, 8), False, True),
-    ("debug", (1, 6, 10), False, False),
-    ("debug-stdit", (4, 6, 10), True, False),
-    ("debug-stdit", (2, 8, 8), False, True),
+    ("debug", (4, 6, 10), True, False, "space"),
+    ("debug", (3, 8, 8), False, True, "space"),
+    ("debug", (1, 6, 10), False, False, "space"),
+    ("debug-stdit", (4, 6, 10), True, False, "space"),
+    ("debug-stdit", (2, 8, 8), False, True, "space"),
+    ("debug", (4, 6, 10), True, False, "time"),
+    ("debug", (4, 8, 8), False, True, "time"),
+    ("debug-stdit", (4, 6, 10), True, True, "time"),
 ]
 
 
@@ -86,12 +90,12 @@ def rank_main(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     diffusion = build_scheduler("iddpm", timestep_respacing="")
-    for model_type, latent, frame_mask, checkpointing in CASES:
+    for model_type, latent, frame_mask, checkpointing, split_along in CASES:
         reference = build(model_type, latent)
         split = copy.deepcopy(reference)
         if checkpointing:
             apply_activation_checkpointing(split)
-        install(split, dist.group.WORLD, 2)
+        install(split, dist.group.WORLD, 2, split_along)
         data = batch(model_type, latent, frame_mask)
         torch.manual_seed(5)  # caption dropout: the same draw in both models
         loss, grads = loss_and_grads(reference, diffusion, data)
@@ -105,16 +109,19 @@ def rank_main(rank: int, port: int) -> None:
             worst = max(worst, float((averaged - grad).abs().max()))
             squared_diff += float((averaged - grad).square().sum())
             squared += float(grad.square().sum())
+        exchanged = sorted({name.split(".")[-1] for name, module in split.named_modules()
+                            if type(module).__name__.startswith("Ulysses")})  # fmt: skip
         state_keys = sorted(split.state_dict()) == sorted(reference.state_dict()) and grads.keys() == split_grads.keys()
         if rank == 0:
             report = {
-                "case": [model_type, list(latent), frame_mask, checkpointing],
+                "case": [model_type, list(latent), frame_mask, checkpointing, split_along],
                 "loss": float(loss),
                 "loss_diff": abs(float(loss) - float(split_loss)),
                 "grad_max_diff": worst,
                 "grad_rel_diff": (squared_diff / squared) ** 0.5,
                 "grads": len(grads),
                 "state_keys_equal": state_keys,
+                "exchanged": exchanged,
             }
             print(json.dumps(report), flush=True)
     dist.destroy_process_group()

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipelines.cache import Cache
 from pipelines.config import ConfigError, load_config
 from pipelines.demo_data import plan_demo
-from pipelines.sequence_parallel import Layout, check_model, check_world, layout
-from pipelines.train import check_sequence_parallel
+from pipelines.sequence_parallel import Layout, TimeSplit, check_model, check_time_split, check_world, layout
+from pipelines.train import check_sequence_parallel, make_plan
 from tests.conftest import DEMO_NUM, ROOT, run_sora, write_config
 
 OPENSORA_SP = ROOT / "tests" / "fixtures" / "opensora" / "v1_0_train_64x512x512_sp.py"
@@ -57,28 +59,49 @@ def test_training_checks_before_anything_starts(tmp_path, debug_models):
         check_sequence_parallel(load_config(tmp_path / "train.py", "train"), 1)
 
 
+def test_time_split_needs_frames_that_divide_among_the_ranks():
+    check_time_split(["144p-8f-0.56", "240p-16f-1.00"], "debug", 2)
+    with pytest.raises(ConfigError, match=r"sp_split='time' with sp_size=2: the frames of bucket\(s\) 144p-1f-0.56, "
+                       r"144p-3f-0.56 do not divide .* or use sp_split='space'"):  # fmt: skip
+        check_time_split(["144p-1f-0.56", "144p-3f-0.56", "144p-8f-0.56"], "debug", 2)
+    split = TimeSplit(None, 2)
+    split.frames = 3  # a latent the start check did not see (the model called directly)
+    with pytest.raises(ConfigError, match=r"a latent of 3 frames .* does not divide among sp_size=2 ranks"):
+        split.split(torch.zeros(1, 3 * 4, 8))
+
+
+def test_training_refuses_a_time_split_of_the_image_buckets_before_starting(clean_cache, debug_models, tmp_path):
+    config = load_config(sp_config(tmp_path, debug_models, 2, "time"), "train")
+    with pytest.raises(ConfigError, match=r"sp_split='time' with sp_size=2: the frames of bucket\(s\) .*-1f-"):
+        make_plan(Cache(clean_cache[0]), config, 2)
+
+
 # --------------------------------------------------------------------------- the split model
 
 
 @pytest.mark.slow
 def test_split_model_gives_the_one_device_loss_and_gradients():
-    """tests/sp_ranks.py: 2 gloo ranks; STDiT2 and STDiT, a padded token grid (15 -> 16), an image,
-    a frame mask, activation checkpointing. Gradients averaged over the group as DeepSpeed does."""
+    """tests/sp_ranks.py: 2 gloo ranks; STDiT2 and STDiT split by space (a padded token grid
+    (15 -> 16), an image) and by time; a frame mask, activation checkpointing. Gradients averaged
+    over the group as DeepSpeed does. Split by space, spatial attention exchanges; by time, as in
+    Open-Sora 1.0, temporal attention and cross-attention."""
     result = subprocess.run([sys.executable, "-m", "tests.sp_ranks", "29561"], capture_output=True, text=True,
                             timeout=300, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 5
+    assert len(reports) == 8
     for report in reports:
         assert report["state_keys_equal"], report
         assert report["loss_diff"] < 1e-6 * report["loss"], report
         assert report["grad_rel_diff"] < 1e-5, report
+        split = report["case"][-1]
+        assert report["exchanged"] == (["attn"] if split == "space" else ["attn_temp", "cross_attn"]), report
 
 
 # --------------------------------------------------------------------------- sora train
 
 
-def sp_config(folder: Path, models: dict, sp_size: int) -> Path:
+def sp_config(folder: Path, models: dict, sp_size: int, split: str = "space") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return write_config(
         folder,
@@ -89,7 +112,7 @@ def sp_config(folder: Path, models: dict, sp_size: int) -> Path:
             "log_every = 5": "log_every = 1",
             "ckpt_every = 20": "ckpt_every = 4",
             "lr = 1e-4": "lr = 1e-3",
-            "\nload = None": "\nload = None\neval_fraction = 0.25\neval_every = 2",
+            "\nload = None": f"\nload = None\neval_fraction = 0.25\neval_every = 2\nsp_split = {split!r}",
         },
     )
 
@@ -155,7 +178,8 @@ def test_resuming_with_another_sp_size_is_refused_clearly(runs, clean_cache, deb
 @pytest.mark.slow
 def test_opensora_sp_file_in_debug_size_preprocesses_and_trains_stdit(demo_csv, debug_models, tmp_path):
     """Open-Sora 1.0's 64x512x512-sp.py with debug models, 64x64 and 4 frames (the demo clips are
-    shorter than its 16 x 3): STDiT split over 2 workers, its loss that of 1 worker."""
+    shorter than its 16 x 3): STDiT split over 2 workers, by space and by time (Open-Sora 1.0's
+    layout), its loss that of 1 worker."""
     text = OPENSORA_SP.read_text()
     for old, new in {
         '"STDiT-XL/2"': '"debug-stdit"',
@@ -180,7 +204,13 @@ def test_opensora_sp_file_in_debug_size_preprocesses_and_trains_stdit(demo_csv, 
     assert "as plugin 'zero2-seq'" in result.stdout + result.stderr  # the notice of the sp switch
     one = train(config, tmp_path / "cache", tmp_path / "one", 1, 1, "--sp-size", "1")
     split = train(config, tmp_path / "cache", tmp_path / "split", 2, 1)
-    one_losses, split_losses = losses(one), losses(split)
-    assert len(one_losses) >= 4 and one_losses.keys() == split_losses.keys()
-    for step, loss in one_losses.items():
-        assert split_losses[step] == pytest.approx(loss, rel=1e-5), step
+    time_config = tmp_path / "64x512x512-sp-debug-time.py"
+    time_config.write_text(text + '\nsp_split = "time"\n')
+    by_time = train(time_config, tmp_path / "cache", tmp_path / "time", 2, 1)
+    one_losses = losses(one)
+    assert len(one_losses) >= 4
+    for run in (split, by_time):
+        run_losses = losses(run)
+        assert one_losses.keys() == run_losses.keys()
+        for step, loss in one_losses.items():
+            assert run_losses[step] == pytest.approx(loss, rel=1e-5), (run, step)

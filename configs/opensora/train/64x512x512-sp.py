@@ -18,6 +18,7 @@ dtype = "bf16"
 grad_checkpoint = True
 plugin = "zero2-seq"
 sp_size = 2
+sp_split = "time"  # Open-Sora 1.0's layout: each worker holds 16 / 2 whole frames (README, Sequence parallelism)
 
 # Models
 model = dict(
