@@ -81,7 +81,7 @@ demo: setup
 	@echo
 	@echo "demo data:        $(DEMO_DIR)/data/data.csv"
 	@echo "resolved configs: $(DEMO_DIR)/train.resolved.py, $(DEMO_DIR)/inference.resolved.py"
-	@echo "cache:            $(DEMO_DIR)/cache (manifest.json, buckets/, rejects.arrow, probe.arrow)"
+	@echo "cache:            $(DEMO_DIR)/cache (manifest.json; v-<id>/: buckets/, rejects.arrow, probe.arrow)"
 	@echo "bucket report:    above, and drawn in $(DEMO_DIR)/buckets.png"
 	@echo "fresh model:      $$(ls -d $(DEMO_DIR)/outputs/*/checkpoints/step-* | tail -1) (losses.jsonl, eval_losses.jsonl, tensorboard/ beside it)"
 	@echo "its previews:     $$(ls -d $(DEMO_DIR)/outputs/*/previews/step-* | tail -1)/contact_sheet.png"

@@ -139,9 +139,23 @@ def preprocess(
         ),
     ] = None,
     address: AddressOpt = None,
+    reuse: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reuse",
+            metavar="OTHER_CACHE",
+            help="A finished cache whose encodings to take where their keys match (repeatable). The cache "
+            "folder's own current version is always reused.",
+        ),
+    ] = None,
 ) -> None:
-    """Probe, bucket and pre-encode a dataset into a cache of VAE latents and T5 embeddings."""
-    typer.echo(_run(commands.preprocess, data, config_path, cache_dir, address), nl=False)
+    """Probe, bucket and pre-encode a dataset into a cache of VAE latents and T5 embeddings.
+
+    Run again after changing the table or the config: only rows whose encodings changed are
+    encoded (a caption edit costs no VAE call, a new clip costs its own), the rest is taken from
+    the cache's current version, which stays readable until the new one is complete.
+    """
+    typer.echo(_run(commands.preprocess, data, config_path, cache_dir, address, reuse or []), nl=False)
 
 
 cache_app = typer.Typer(help="Inspect a preprocessed cache.", no_args_is_help=True)

@@ -272,12 +272,13 @@ def write_cache(folder: Path, sizes: Sizes, samples: int) -> Path:
             cache.SRC_WIDTH: w * 8, cache.SRC_FPS: 24.0, cache.FPS: 8.0, cache.LATENT_MEAN: mean_bytes,
             cache.LATENT_LOGVAR: logvar_bytes, cache.LATENT_SHAPE: shape, cache.LATENT_DTYPE: dtype,
             cache.TEXT_EMB: text_bytes, cache.TEXT_SHAPE: text_shape, cache.TEXT_DTYPE: text_dtype,
-            cache.NUM_TOKENS: REAL_TOKENS,
+            cache.NUM_TOKENS: REAL_TOKENS, cache.LATENT_KEY: f"latent-{index}", cache.TEXT_KEY: "text",
         })  # fmt: skip
-    store, shard = cache.Store(folder), f"{cache.BUCKETS_DIR}/{bucket}/part-00000.arrow"
+    version = "v-gpu-check"
+    store, shard = cache.Store(folder), f"{version}/{cache.BUCKETS_DIR}/{bucket}/part-00000.arrow"
     data = cache.table_bytes(pa.Table.from_pylist(rows, cache.SAMPLE_SCHEMA))
     store.write_bytes(shard, data)
-    store.write_json(cache.MANIFEST, {"format_version": cache.FORMAT_VERSION, "fingerprint": {},
+    store.write_json(cache.MANIFEST, {"format_version": cache.FORMAT_VERSION, "version": version, "fingerprint": {},
                                       "buckets": {bucket: samples}, "rows_in": samples, "kept": samples,
                                       "shards": {shard: cache.shard_record(data, samples)}})  # fmt: skip
     return folder

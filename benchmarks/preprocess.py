@@ -6,8 +6,12 @@
    actors were during the encoding (their model time over the wall time of the encoding).
 3. Cache bytes per sample against the padded layout Open-Sora's estimate assumes (text
    padded to model_max_length in fp16), measured on the demo cache and projected to T5-XXL.
+4. Incremental builds: a clean build of N rows; then +10 % rows, 5 captions edited, one
+   bucket's keep_prob changed, each built into the same cache folder, against a clean build of
+   the same final table and config in a fresh folder: rows each encoder saw, and wall time
+   (Ray started beforehand, so its start-up is in neither).
 
-    python benchmarks/preprocess.py [--clips 300] [--rows 48]
+    python benchmarks/preprocess.py [--clips 300] [--rows 48] [--incremental-rows 220] [--only 4]
 """
 
 from __future__ import annotations
@@ -62,13 +66,67 @@ def best_rate(function, paths: list[str], repeat: int = 3) -> float:
     return len(paths) / min(times)
 
 
+def incremental(folder: Path, models: dict[str, Path], rows: int) -> None:
+    """Section 4: each change built incrementally and clean, side by side."""
+    csv = write_demo_data(folder / "incremental", num=rows, seed=3, progress=False)
+    full = pd.read_csv(csv)
+    base = round(len(full) / 1.1)
+    tables = {"warm-up": full.iloc[:4], "base": full.iloc[:base], "grown": full}
+    edited = full.copy()
+    for row in range(5):
+        edited.loc[row * 7, "text"] = f"{edited.loc[row * 7, 'text']}, seen again"
+    tables["edited"] = edited
+    paths = {}
+    for name, frame in tables.items():
+        paths[name] = csv.parent / f"{name}.csv"
+        frame.to_csv(paths[name], index=False)
+    overrides = {"vae.from_pretrained": str(models["vae"]), "text_encoder.from_pretrained": str(models["text_encoder"])}
+    buckets = load_config(ROOT / "configs/debug/train.py", "train").bucket_config
+    keep_half = {"bucket_config": {**buckets, "144p": {**buckets["144p"], 1: (0.5, 4)}}}
+
+    def build(table: str, cache: Path, **extra) -> tuple[float, object]:
+        changes = {**overrides, "data_path": str(paths[table]), **extra}
+        config = load_config(ROOT / "configs/debug/train.py", "train", changes, notice=lambda message: None)
+        start = time.perf_counter()
+        summary = preprocess(config, cache)
+        return time.perf_counter() - start, summary
+
+    build("warm-up", folder / "warm-up")  # starts Ray outside the figures
+    cache = folder / "incremental-cache"
+    seconds, _ = build("base", cache)
+    print(f"4. incremental builds: clean build of {base} rows {seconds:.1f} s; then, into the same folder:")
+    print(f"   {'change':<28} {'changed':>7} {'VAE rows':>8} {'T5 captions':>11} {'incremental':>11} {'clean':>7} "
+          f"{'ratio':>6} {'target':>6}")  # fmt: skip
+    changes = [
+        ("+10 % rows", "grown", {}, len(full) - base),
+        ("5 captions edited", "edited", {}, 5),
+        ("144p T=1 keep_prob 1 -> 0.5", "edited", keep_half, 0),
+    ]
+    for index, (label, table, extra, changed) in enumerate(changes):
+        took, summary = build(table, cache, **extra)
+        clean, _ = build(table, folder / f"clean-{index}", **extra)
+        share = changed / len(full)
+        reuse = summary.reuse
+        print(f"   {label:<28} {changed:>7} {reuse.vae_encoded:>8} {reuse.text_encoded:>11} {took:>10.1f}s "
+              f"{clean:>6.1f}s {took / clean:>6.2f} {share + 0.10:>6.2f}")  # fmt: skip
+    print(
+        "   changed: rows whose encodings the change touches (the keep_prob change only drops rows); "
+        "target: changed share + 0.10 of a clean build"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=300, help="clips for the probe comparison")
     parser.add_argument("--rows", type=int, default=48, help="demo rows for the end-to-end run")
+    parser.add_argument("--incremental-rows", type=int, default=220, help="demo rows for the incremental builds")
+    parser.add_argument("--only", type=int, choices=[1, 4], help="run section 1-3 or section 4 only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
+        if args.only == 4:
+            incremental(folder, write_debug_models(folder / "models"), args.incremental_rows)
+            return
         write_demo_data(folder / "clips", num=args.clips, seed=1, progress=False)
         items = [item for item in plan_demo(args.clips, seed=1) if item.kind == "video"]
         paths = [str(folder / "clips" / item.path) for item in items]
@@ -135,6 +193,8 @@ def main() -> None:
         xxl_ours = np.mean(tokens) * T5_XXL_DIM * 2
         print(f"   projected to T5-XXL (D={T5_XXL_DIM}, model_max_length {real.text_encoder.model_max_length}, "
               f"bf16): {xxl_ours / 1024:.0f} KiB vs padded {xxl_padded / 1024:.0f} KiB per caption")  # fmt: skip
+        if args.only is None:
+            incremental(folder, models, args.incremental_rows)
 
 
 if __name__ == "__main__":

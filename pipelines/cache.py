@@ -1,18 +1,28 @@
 """The pre-encoded cache: layout, Arrow schema, atomic writes, and a small reader API.
 
 ```
-<cache>/manifest.json                          written last; the cache is valid only with it. It holds
-                                               the sha256, size and rows of every shard; a reader
-                                               checks a shard's bytes once per process (`Cache`)
-<cache>/buckets/<res>-<T>f-<ar>/part-*.arrow   Arrow IPC shards, one folder per bucket
-<cache>/rejects.arrow                          every input row not kept: path, text, stage, reason, detail
-<cache>/probe.arrow                            every input row: probe metadata, bucket or drop reason
+<cache>/manifest.json                               the current version, written last: the cache is valid
+                                                    only with it, and replacing it is the switch from one
+                                                    version to the next. It names the version folder and
+                                                    holds the sha256, size and rows of every shard; a reader
+                                                    checks a shard's bytes once per process (`Cache`)
+<cache>/v-<id>/buckets/<res>-<T>f-<ar>/part-*.arrow  Arrow IPC shards, one folder per bucket
+<cache>/v-<id>/rejects.arrow                        every input row not kept: path, text, stage, reason, detail
+<cache>/v-<id>/probe.arrow                          every input row: probe metadata, bucket or drop reason
+<cache>/.work/<id>/                                 a version being built (resumable); gone when it is done
+<cache>/build.json                                  the last build's timings (what reuse saves is estimated from them)
 ```
+
+A version's id is a digest of everything that decides its bytes (`fingerprint`: the config's
+encoding settings and the input table), so a clean build and an incremental build of the same
+table and config write the same folder, byte for byte.
 
 One row per kept sample. Latents are stored as the VAE posterior's mean and log-variance
 (already multiplied by the VAE scaling factor), for more latent frames than the bucket's
 T when the source has them, so training can draw Open-Sora's random temporal window and
-a fresh posterior sample every step. Text embeddings hold the real tokens only.
+a fresh posterior sample every step. Text embeddings hold the real tokens only. Each row
+carries the keys of its two encodings (`latent_key`, `text_key`: what decides their bytes),
+by which a later build reuses them (`pipelines/preprocess.py`).
 """
 
 from __future__ import annotations
@@ -36,14 +46,19 @@ import torch
 from pipelines.config import ConfigError, TrainConfig
 from sora_model.loading import DTYPES
 
-FORMAT_VERSION = 3  # 2: rejects and probe tables carry the input row; 3: shard checksums in the manifest
+# 2: rejects and probe tables carry the input row; 3: shard checksums in the manifest;
+# 4: versions in folders named by their fingerprint, encoding keys in every row
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
+BUILD_LOG = "build.json"
+VERSION_PREFIX = "v-"
+# Inside a version folder:
 PROBE = "probe.arrow"
 REJECTS = "rejects.arrow"
 BUCKETS_DIR = "buckets"
-WORK_DIR = ".work"  # resumable state of an unfinished run; removed when the manifest is written
-FINGERPRINT = f"{WORK_DIR}/fingerprint.json"  # what an unfinished run was started with
-CHECKSUMS_DIR = f"{WORK_DIR}/checksums"  # a shard's checksum, written just before the shard
+WORK_DIR = ".work"  # <cache>/.work/<id>/: resumable state of a version being built
+FINGERPRINT = "fingerprint.json"  # in the work folder: what the build was started with
+CHECKSUMS_DIR = "checksums"  # in the work folder: a shard's checksum, written just before the shard
 TEMP_PATTERN = ".*.tmp"  # files being written (Store._write); left behind only by a failed run
 
 # Column names (one place).
@@ -69,6 +84,8 @@ TEXT_EMB = "text_emb"
 TEXT_SHAPE = "text_shape"  # (L, D), L real tokens
 TEXT_DTYPE = "text_dtype"
 NUM_TOKENS = "num_tokens"
+LATENT_KEY = "latent_key"  # a digest of what decides the latent's bytes (preprocess.latent_key)
+TEXT_KEY = "text_key"  # a digest of what decides the caption embedding's bytes (preprocess.text_key)
 STAGE = "stage"
 REASON = "reason"
 DETAIL = "detail"
@@ -99,6 +116,8 @@ SAMPLE_SCHEMA = pa.schema(
         (TEXT_SHAPE, pa.list_(pa.int32())),
         (TEXT_DTYPE, pa.string()),
         (NUM_TOKENS, pa.int32()),
+        (LATENT_KEY, pa.string()),
+        (TEXT_KEY, pa.string()),
     ]
 )
 REJECT_SCHEMA = pa.schema(
@@ -213,7 +232,16 @@ class Store:
 
 
 def table_bytes(table: pa.Table) -> bytes:
-    """An Arrow IPC file of `table`, in memory (so its checksum is known before it is written)."""
+    """An Arrow IPC file of `table`, in memory (so its checksum is known before it is written).
+
+    The same rows give the same bytes however they were gathered: pandas' schema metadata (how
+    the frame was built) is dropped, and strings are copied into buffers of their own (a string
+    column read from another Arrow file is a view whose buffers the file would carry whole).
+    """
+    table = table.replace_schema_metadata(None)
+    for index, column in enumerate(table.schema):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            table = table.set_column(index, column, pa.array(table.column(index).to_pylist(), type=column.type))
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -267,7 +295,11 @@ class Cache:
         self.manifest: dict[str, Any] = self.store.read_json(MANIFEST)
         if self.manifest.get("format_version") != FORMAT_VERSION:
             found = self.manifest.get("format_version")
-            raise CacheError(f"{location}/{MANIFEST}: format version {found}, expected {FORMAT_VERSION}")
+            raise CacheError(
+                f"{location}/{MANIFEST}: format version {found}, expected {FORMAT_VERSION}; preprocess into a new "
+                "--cache-dir (an older format is not read, and not overwritten)"
+            )
+        self.version: str = self.manifest["version"]  # the folder of the current version
 
     def buckets(self) -> list[str]:
         """Bucket names (`<res>-<T>f-<ar>`) with at least one sample."""
@@ -299,10 +331,10 @@ class Cache:
         return pa.concat_tables([self.read_shard(shard) for shard in self.shards(bucket)])
 
     def probe_table(self) -> pa.Table:
-        return self.store.read_table(PROBE)
+        return self.store.read_table(f"{self.version}/{PROBE}")
 
     def rejects(self) -> pa.Table:
-        return self.store.read_table(REJECTS)
+        return self.store.read_table(f"{self.version}/{REJECTS}")
 
     def text_dim(self) -> int:
         """Channels of the cached caption embeddings (the text encoder's width)."""
@@ -399,15 +431,6 @@ def check_cache_matches(store: Store, config: TrainConfig) -> None:
         raise ConfigError(f"{store.location} was made with other settings than this config: {'; '.join(differences)}")
 
 
-def check_same_run(store: Store, parts: dict[str, str]) -> None:
-    """Refuse to add rows to a cache (finished or not) that another config or input started."""
-    for name in (MANIFEST, FINGERPRINT):
-        if not store.exists(name):
-            continue
-        found = store.read_json(name)
-        differences = _differences(found.get("fingerprint", found) if name == MANIFEST else found, parts)
-        if differences:
-            raise ConfigError(
-                f"{store.location} holds a cache made with other settings; it is never mixed with new rows. "
-                f"What differs: {'; '.join(differences)}. Use another --cache-dir, or remove {store.location}"
-            )
+def version_name(parts: dict[str, str]) -> str:
+    """The folder of the version a fingerprint describes: the same for a clean and an incremental build."""
+    return VERSION_PREFIX + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -83,7 +83,7 @@ def _shards(store: cache.Store, manifest: dict, progress: bool) -> tuple[dict[st
     """(bytes of every shard that matches its record, the check)."""
     check, intact, read = Check("shards"), {}, 0
     listed = manifest["shards"]
-    for name in store.files(cache.BUCKETS_DIR, "part-*.arrow"):
+    for name in store.files(f"{manifest['version']}/{cache.BUCKETS_DIR}", "part-*.arrow"):
         if name not in listed:
             check.problems.append(f"{name}: a shard file the manifest does not list")
     for name, record in tqdm(sorted(listed.items()), desc="shards", unit="shard", disable=not progress):
@@ -136,7 +136,8 @@ def _samples(manifest: dict, intact: dict[str, bytes], progress: bool) -> Check:
 def _tables(store: cache.Store, manifest: dict) -> Check:
     check = Check("probe, rejects")
     try:
-        probe, rejects = store.read_table(cache.PROBE), store.read_table(cache.REJECTS)
+        version = manifest["version"]
+        probe, rejects = store.read_table(f"{version}/{cache.PROBE}"), store.read_table(f"{version}/{cache.REJECTS}")
     except (OSError, pa.ArrowInvalid) as error:
         check.problems.append(f"unreadable: {error}")
         return check

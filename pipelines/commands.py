@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,18 @@ def bucket_report(source: str | Path, config_path: str | Path, as_json: bool, pl
     return report(source, config, as_json, plot)  # type: ignore[arg-type]
 
 
-def preprocess(data: str | Path, config_path: str | Path, cache_dir: str | Path | None, address: str | None) -> str:
-    """Preprocess DATA into the cache; returns the summary table."""
+def preprocess(
+    data: str | Path,
+    config_path: str | Path,
+    cache_dir: str | Path | None,
+    address: str | None,
+    reuse: Sequence[str] = (),
+) -> str:
+    """Preprocess DATA into the cache, reusing what earlier builds encoded; returns the summary table."""
     from pipelines.preprocess import preprocess as run
 
     config = load_config(config_path, "train", {"data_path": str(data)})
-    summary = run(config, cache_dir or config.cache_dir, address)  # type: ignore[arg-type]
+    summary = run(config, cache_dir or config.cache_dir, address, reuse)  # type: ignore[arg-type]
     return summary.format()
 
 

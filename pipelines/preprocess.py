@@ -1,14 +1,22 @@
 """`sora preprocess`: a Ray Data pipeline from a CSV to a cache of VAE latents and T5 embeddings.
 
-    read table -> validate rows -> probe (Ray Data) -> assign buckets -> plan shards
-               -> decode + resize/crop (Ray Data) -> VAE encode (actors) -> T5 encode (actors)
-               -> write shards (atomic) -> rejects.arrow -> manifest.json (last)
+    read table -> validate rows -> probe (Ray Data; files an earlier build probed are not)
+               -> assign buckets -> plan shards -> encoding keys
+               -> T5 over the distinct captions no earlier build has (actors)
+               -> decode + resize/crop (Ray Data) -> VAE encode (actors), for the latents no earlier build has
+               -> write shards (atomic) -> rejects.arrow -> manifest.json (last: the switch)
 
 Every row ends in a shard or in rejects.arrow with its stage and reason; no row error
 stops the job. Work is cut into shards fixed before any encoding (per bucket, rows sorted
 by id, `rows_per_shard` each), and each shard file appears atomically when done, so a rerun
 after an interruption skips finished shards and ends with the very cache an uninterrupted
-run writes. A cache written under another fingerprint is never mixed with new rows.
+run writes.
+
+A cache holds one version per (table, config) (`pipelines/cache.py`). Running again with a
+changed table or config builds the new version beside the current one, taking every encoding
+whose key is unchanged from it (and from `--reuse` caches, `pipelines/reuse.py`), and encoding
+the rest; encodings do not depend on which rows share a model call, so the result is byte for
+byte what a clean build writes. Readers keep the current version until the manifest switches.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +60,18 @@ from pipelines.dataset import METADATA_COLUMNS, read_metadata, read_table, resol
 from pipelines.media import DecodeError, frame_indices, read_frames, resize_crop
 from pipelines.models import load_text_encoder, load_vae
 from pipelines.probe import ProbeError, probe
+from pipelines.reuse import (
+    LATENT_COLUMNS,
+    PROBED,
+    SOURCE,
+    TEXT_COLUMNS,
+    TEXT_PART_SCHEMA,
+    TEXTS_DIR,
+    Encodings,
+    latent_key,
+    source_identity,
+    text_key,
+)
 from sora_model.loading import torch_dtype
 
 # Stages named in rejects.arrow.
@@ -205,7 +227,9 @@ class VaeEncode:
 
 
 class TextEncode:
-    """T5 stage: caption embeddings, real tokens only, loaded once per actor."""
+    """T5 stage: caption embeddings, real tokens only, loaded once per actor. Each caption is
+    encoded in a call of exactly `batch_size` captions (the last one padded), so its bytes do not
+    depend on which captions share its call: a clean and an incremental build agree."""
 
     def __init__(self, config: TrainConfig) -> None:
         torch.set_num_threads(max(1, int(config.preprocess.text.num_cpus)))
@@ -213,34 +237,40 @@ class TextEncode:
         self.encoder = load_text_encoder(config.text_encoder)
         self.encoder.model.to(self.device)
         self.store = torch_dtype(config.dtype)
+        self.call = config.preprocess.text.batch_size or 16
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         count = len(batch)
         embeddings, shapes, dtypes, tokens = [b""] * count, [[]] * count, [""] * count, [0] * count
-        rejects = Rejects(batch)
-        rows = [i for i in range(count) if not rejects.failed(i)]
+        reasons, details = [None] * count, [None] * count
+        captions = batch[cache.TEXT].tolist()
         started = time.perf_counter()
-        if rows:
+        for first in range(0, count, self.call):
+            rows = list(range(first, min(first + self.call, count)))
+            padded = [captions[i] for i in rows] + [""] * (self.call - len(rows))
             try:
-                states, mask = self.encoder.encode([batch[cache.TEXT].iat[i] for i in rows])  # (B, L, D), (B, L)
-                for slot, i in enumerate(rows):
-                    real = int(mask[slot].sum())
-                    state = states[slot, :real].to(self.store)  # (real tokens, D)
-                    if not torch.isfinite(state).all():
-                        rejects.set(i, ENCODE, NON_FINITE, "the T5 states hold NaN or Inf")
-                        continue
-                    embeddings[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(state)
-                    tokens[i] = real
-            except Exception as error:  # one bad batch is rejected row by row
+                states, mask = self.encoder.encode(padded)  # (call, L, D), (call, L)
+            except Exception as error:  # one bad call rejects its captions
                 for i in rows:
-                    rejects.set(i, ENCODE, "T5 failed", repr(error))
+                    reasons[i], details[i] = "T5 failed", repr(error)[:500]
+                continue
+            for slot, i in enumerate(rows):
+                real = int(mask[slot].sum())
+                state = states[slot, :real].to(self.store)  # (real tokens, D)
+                if not torch.isfinite(state).all():
+                    reasons[i], details[i] = NON_FINITE, "the T5 states hold NaN or Inf"
+                    continue
+                embeddings[i], shapes[i], dtypes[i] = cache.tensor_to_bytes(state)
+                tokens[i] = real
         columns = {
             cache.TEXT_EMB: embeddings,
             cache.TEXT_SHAPE: shapes,
             cache.TEXT_DTYPE: dtypes,
             cache.NUM_TOKENS: tokens,
+            "reason": pd.Series(reasons, index=batch.index, dtype=object),  # str or None, as in Rejects
+            "detail": pd.Series(details, index=batch.index, dtype=object),
         }
-        return rejects.into(batch, text_span=[(started, time.perf_counter())] * count, **columns)
+        return batch.assign(text_span=[(started, time.perf_counter())] * count, **columns)
 
 
 def _gpus_for(stage_gpus: float | None, cluster_gpus: float) -> float:
@@ -250,39 +280,38 @@ def _gpus_for(stage_gpus: float | None, cluster_gpus: float) -> float:
 
 
 def encode_pipeline(rows, config: TrainConfig, cluster_gpus: float):
-    """The encoding stages, composed: every stage's resources in one place."""
+    """Decode and VAE stages, composed: their resources in one place."""
     res = config.preprocess
-    return (
-        rows.map_batches(
-            DecodeFrames,
-            fn_constructor_kwargs={
-                "frame_interval": config.frame_interval,
-                "frames_factor": config.cache_frames_factor,
-            },
-            batch_format="pandas",
-            batch_size=res.decode.batch_size,
-            concurrency=res.decode.concurrency,
-            num_cpus=res.decode.num_cpus,
-            num_gpus=0,
-        )
-        .map_batches(
-            VaeEncode,
-            fn_constructor_kwargs={"config": config},
-            batch_format="pandas",
-            batch_size=res.vae.batch_size,
-            concurrency=res.vae.concurrency,
-            num_cpus=res.vae.num_cpus,
-            num_gpus=_gpus_for(res.vae.num_gpus, cluster_gpus),
-        )
-        .map_batches(
-            TextEncode,
-            fn_constructor_kwargs={"config": config},
-            batch_format="pandas",
-            batch_size=res.text.batch_size,
-            concurrency=res.text.concurrency,
-            num_cpus=res.text.num_cpus,
-            num_gpus=_gpus_for(res.text.num_gpus, cluster_gpus),
-        )
+    return rows.map_batches(
+        DecodeFrames,
+        fn_constructor_kwargs={"frame_interval": config.frame_interval, "frames_factor": config.cache_frames_factor},
+        batch_format="pandas",
+        batch_size=res.decode.batch_size,
+        concurrency=res.decode.concurrency,
+        num_cpus=res.decode.num_cpus,
+        num_gpus=0,
+    ).map_batches(
+        VaeEncode,
+        fn_constructor_kwargs={"config": config},
+        batch_format="pandas",
+        batch_size=res.vae.batch_size,
+        concurrency=res.vae.concurrency,
+        num_cpus=res.vae.num_cpus,
+        num_gpus=_gpus_for(res.vae.num_gpus, cluster_gpus),
+    )
+
+
+def text_pipeline(captions, config: TrainConfig, cluster_gpus: float):
+    """The T5 stage over distinct captions."""
+    res = config.preprocess
+    return captions.map_batches(
+        TextEncode,
+        fn_constructor_kwargs={"config": config},
+        batch_format="pandas",
+        batch_size=res.text.batch_size,
+        concurrency=res.text.concurrency,
+        num_cpus=res.text.num_cpus,
+        num_gpus=_gpus_for(res.text.num_gpus, cluster_gpus),
     )
 
 
@@ -302,6 +331,8 @@ class Summary:
     vae_window_seconds: float = 0.0  # the VAE's first call to its last
     vae_seconds: float = 0.0
     text_seconds: float = 0.0
+    # What this run took from earlier builds instead of computing it.
+    reuse: Reuse | None = None
 
     def format(self) -> str:
         lines = [
@@ -311,43 +342,90 @@ class Summary:
         lines += [f"  kept      {count:>7}  {name}" for name, count in sorted(self.kept.items())]
         lines += [f"  dropped   {count:>7}  {reason}" for reason, count in sorted(self.dropped.items())]
         lines += [f"  rejected  {count:>7}  {reason}" for reason, count in sorted(self.rejected.items())]
+        if self.reuse is not None:
+            lines += self.reuse.format()
         return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Reuse:
+    """Per stage, rows computed by this run and rows taken from earlier builds."""
+
+    probed: int = 0
+    probe_reused: int = 0
+    vae_encoded: int = 0
+    vae_reused: int = 0
+    text_encoded: int = 0  # distinct captions
+    text_reused: int = 0  # rows whose caption embedding an earlier build (or an identical caption) gave
+    bytes_reused: int = 0
+    seconds_saved: float | None = None  # estimated from the models' time per row (this run's or the last build's)
+
+    def format(self) -> list[str]:
+        saved = "unknown" if self.seconds_saved is None else f"about {self.seconds_saved:.1f} s of model time"
+        return [
+            f"  this run: probe {self.probed} probed, {self.probe_reused} reused;  "
+            f"VAE {self.vae_encoded} rows encoded, {self.vae_reused} reused;  "
+            f"T5 {self.text_encoded} captions encoded, {self.text_reused} rows reused",
+            f"  reused {self.bytes_reused / 2**20:.1f} MiB of encodings, saving {saved}",
+        ]
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def preprocess(config: TrainConfig, cache_dir: str | Path, address: str | None = None) -> Summary:
-    """Run (or resume) preprocessing of `config.data_path` into `cache_dir`."""
+def preprocess(
+    config: TrainConfig, cache_dir: str | Path, address: str | None = None, reuse: Sequence[str] = ()
+) -> Summary:
+    """Build (or resume building) the cache version of `config.data_path` and `config` in
+    `cache_dir`, taking every encoding whose key is unchanged from the folder's current version
+    and from the finished caches `reuse` names; switch to it when it is complete."""
     if config.data_path is None:
         raise ConfigError("no input table: give DATA.csv (or set data_path in the config)")
     store = cache.Store(cache_dir)
     table_path = Path(config.data_path)
     table = read_table(table_path)  # fails here, before any work, on a missing column
     parts = cache.fingerprint(config, _input_digest(table, config.root))
-    cache.check_same_run(store, parts)
-    if store.exists(cache.MANIFEST) or store.exists(cache.FINGERPRINT):  # ours: a cache, finished or not
-        _remove_temp_files(store)
-    if store.exists(cache.MANIFEST):
-        _log(f"{store.location} is up to date with this config and input; nothing to do")
-        return _summary_from_manifest(store.read_json(cache.MANIFEST), up_to_date=True)
-    if not store.exists(cache.FINGERPRINT) and not store.is_empty():
+    version = cache.version_name(parts)
+    current = cache.Cache(store.location) if store.exists(cache.MANIFEST) else None  # refuses older formats
+    if current is None and not store.files(cache.WORK_DIR, cache.FINGERPRINT) and not store.is_empty():
         raise ConfigError(f"{store.location} exists and is not a cache; give an empty or new --cache-dir")
-    store.write_json(cache.FINGERPRINT, parts)
+    _remove_temp_files(store)
+    if current is not None and current.version == version:
+        _remove_other_versions(store, keep={version})
+        _log(f"{store.location} is up to date with this config and input; nothing to do")
+        return _summary_from_manifest(current.manifest, up_to_date=True)
+    sources = [cache.Cache(location) for location in reuse]  # each a finished cache, or a clear error
+    _remove_other_versions(store, keep={version, current.version if current else ""})
+    work = f"{cache.WORK_DIR}/{version}"
+    store.write_json(f"{work}/{cache.FINGERPRINT}", parts)
+    encodings = Encodings()
+    for found in [current, *sources]:
+        if found is not None:
+            encodings.add_cache(found)
+    if encodings.latents:
+        _log(f"reusing encodings of {len(encodings.latents)} latents and {len(encodings.texts)} captions "
+             "from earlier builds")  # fmt: skip
 
-    probed = _load_or_probe(store, table, table_path, config, address)
+    stats = Reuse()
+    probed = _load_or_probe(store, version, table, table_path, config, address, encodings, parts, stats)
     plan = probed[probed[SHARD].notna()]
-    done = {shard for shard in plan[SHARD].unique() if store.exists(f"{cache.BUCKETS_DIR}/{shard}.arrow")}
+    done = {shard for shard in plan[SHARD].unique() if store.exists(_shard_path(version, shard))}
     pending = plan[~plan[SHARD].isin(done)]
     _log(f"{len(plan)} rows to encode in {plan[SHARD].nunique()} shards; {len(done)} shards already done")
     timing: dict[str, float] = {}
     if len(pending):
-        timing = _encode(pending, store, config, address)
-    summary = _finish(store, probed, parts)
+        timing = _encode(pending, store, version, config, address, encodings, stats)
+    _estimate_savings(store, stats, timing)
+    summary = _finish(store, version, probed, parts)
     for name, value in timing.items():
         setattr(summary, name, value)
+    summary.reuse = stats
     return summary
+
+
+def _shard_path(version: str, shard: str) -> str:
+    return f"{version}/{cache.BUCKETS_DIR}/{shard}.arrow"
 
 
 def _remove_temp_files(store: cache.Store) -> None:
@@ -355,6 +433,18 @@ def _remove_temp_files(store: cache.Store) -> None:
     for relative in store.files("", cache.TEMP_PATTERN):
         store.delete_file(relative)
         _log(f"removed {store.path(relative)}, left by a failed run")
+
+
+def _remove_other_versions(store: cache.Store, keep: set[str]) -> None:
+    """Versions other than `keep`: a finished one the manifest no longer names (a switch that
+    stopped before its clean-up), or an unfinished build of another table or config."""
+    for relative in sorted({name.split("/")[0] for name in store.files("", "*")}):
+        if relative.startswith(cache.VERSION_PREFIX) and relative not in keep:
+            store.delete_dir(relative)
+            _log(f"removed {store.path(relative)}: a version this cache no longer uses")
+    for relative in sorted({name.split("/")[1] for name in store.files(cache.WORK_DIR, "*")}):
+        if relative not in keep:
+            store.delete_dir(f"{cache.WORK_DIR}/{relative}")
 
 
 def _input_digest(table: pd.DataFrame, root: str | None) -> str:
@@ -377,12 +467,25 @@ def _connect_and_count_gpus(address: str | None) -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _load_or_probe(
-    store: cache.Store, table: pd.DataFrame, table_path: Path, config: TrainConfig, address
-) -> pd.DataFrame:
-    """Every input row with probe metadata, bucket or drop reason, and shard (probe.arrow)."""
-    if store.exists(cache.PROBE):
-        return store.read_table(cache.PROBE).to_pandas()
+PROBE_RESULTS = [*SOURCE_SIZE, SRC_FPS, *REJECT_COLUMNS]
+
+
+def _earlier_probes(encodings: Encodings) -> pd.DataFrame:
+    """Probe results of files earlier builds probed, by the file's identity (first build wins)."""
+    frames = [probe.to_pandas() for probe in encodings.probes]
+    found = [f[f[PROBED] & ~f[SOURCE].str.endswith("|missing")] for f in frames if PROBED in f.columns]
+    if not found:
+        return pd.DataFrame(columns=[SOURCE, *PROBE_RESULTS]).set_index(SOURCE)
+    earlier = pd.concat(found)
+    earlier = earlier[earlier[REJECT_STAGE].isna() | (earlier[REJECT_STAGE] == PROBE_STAGE)]
+    return earlier.drop_duplicates(SOURCE).set_index(SOURCE)[PROBE_RESULTS]
+
+
+def _load_or_probe(store: cache.Store, version: str, table: pd.DataFrame, table_path: Path, config: TrainConfig,
+                   address, encodings: Encodings, parts: dict[str, str], stats: Reuse) -> pd.DataFrame:  # fmt: skip
+    """Every input row with probe metadata, bucket or drop reason, shard and encoding keys (probe.arrow)."""
+    if store.exists(f"{version}/{cache.PROBE}"):
+        return store.read_table(f"{version}/{cache.PROBE}").to_pandas()
     frame = pd.DataFrame(
         {
             cache.PATH: table["path"].astype(str),
@@ -391,6 +494,7 @@ def _load_or_probe(
     )
     frame[cache.ROW] = np.arange(len(frame))  # the input row, for messages and for merging results back
     frame[FILE] = [str(p) for p in resolve_paths(frame[cache.PATH], table_path, config.root)]
+    frame[SOURCE] = [source_identity(file) for file in frame[FILE]]
     frame[cache.ID] = [sample_id(p, t) for p, t in zip(frame[cache.PATH], frame[cache.TEXT], strict=True)]
     for column in REJECT_COLUMNS:
         frame[column] = None
@@ -399,27 +503,55 @@ def _load_or_probe(
     for target, source in zip([*SOURCE_SIZE, SRC_FPS], METADATA_COLUMNS, strict=True):
         frame[target] = metadata[source]
     frame[SRC_FPS] = frame[SRC_FPS].fillna(0.0)
-    to_probe = frame[~known & frame[REJECT_STAGE].isna()]
-    if len(to_probe):
+    unknown = ~known & frame[REJECT_STAGE].isna()
+    frame[PROBED] = unknown.to_numpy()
+    earlier = _earlier_probes(encodings)
+    again = unknown & frame[SOURCE].isin(earlier.index)
+    if again.any():
+        frame[PROBE_RESULTS] = frame[PROBE_RESULTS].astype(object)
+        frame.loc[again, PROBE_RESULTS] = earlier.loc[frame.loc[again, SOURCE], PROBE_RESULTS].to_numpy()
+    to_probe = frame[unknown & ~again].assign(**dict.fromkeys(SOURCE_SIZE, 0), **{SRC_FPS: 0.0})
+    stats.probed, stats.probe_reused = len(to_probe), int(again.sum())
+    missing = to_probe[SOURCE].str.endswith("|missing")  # rejected here, without starting Ray for them
+    results = [probe_batch(to_probe[missing])] if missing.any() else []
+    if (~missing).any():
         _connect_and_count_gpus(address)
         import ray
 
         res = config.preprocess.probe
-        ready = to_probe.assign(**dict.fromkeys(SOURCE_SIZE, 0), **{SRC_FPS: 0.0})
+        ready = to_probe[~missing]
         chunks = [ready.iloc[i : i + res.batch_size] for i in range(0, len(ready), res.batch_size)]
-        probed = ray.data.from_pandas(chunks).map_batches(
+        results.append(ray.data.from_pandas(chunks).map_batches(
             probe_batch, batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
             num_cpus=res.num_cpus,
-        ).to_pandas()  # fmt: skip
-        columns = [*SOURCE_SIZE, SRC_FPS, *REJECT_COLUMNS]
-        probed = probed.sort_values(cache.ROW)
-        frame[columns] = frame[columns].astype(object)
-        frame.loc[probed[cache.ROW].to_numpy(), columns] = probed[columns].to_numpy()
+        ).to_pandas())  # fmt: skip
+    if results:
+        probed = pd.concat(results).sort_values(cache.ROW)
+        frame[PROBE_RESULTS] = frame[PROBE_RESULTS].astype(object)
+        frame.loc[probed[cache.ROW].to_numpy(), PROBE_RESULTS] = probed[PROBE_RESULTS].to_numpy()
+    for column in REJECT_COLUMNS:  # one representation: str or None
+        frame[column] = [v if isinstance(v, str) and v else None for v in frame[column]]
     frame[SOURCE_SIZE] = frame[SOURCE_SIZE].fillna(0).astype("int64")
     frame[SRC_FPS] = frame[SRC_FPS].astype("float64")
     _assign(frame, config)
-    store.write_table(cache.PROBE, pa.Table.from_pandas(frame.drop(columns=[FILE]), preserve_index=False))
-    return frame.drop(columns=[FILE])
+    _keys(frame, config, parts)
+    frame = frame.drop(columns=[FILE])
+    store.write_table(f"{version}/{cache.PROBE}", pa.Table.from_pandas(frame, preserve_index=False))
+    return frame
+
+
+def _keys(frame: pd.DataFrame, config: TrainConfig, parts: dict[str, str]) -> None:
+    """The keys of the encodings of every row that has a shard (None elsewhere)."""
+    latent, text = [None] * len(frame), [None] * len(frame)
+    columns = [SOURCE, *SOURCE_SIZE, cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH, cache.TEXT, SHARD]
+    for index, row in enumerate(frame[columns].itertuples(index=False, name=None)):
+        source, frames, height, width, bucket_frames, bucket_height, bucket_width, caption, shard = row
+        if shard is None:
+            continue
+        found, bucket = (frames, height, width), (bucket_frames, bucket_height, bucket_width)
+        latent[index] = latent_key(source, found, bucket, config, parts)
+        text[index] = text_key(caption, parts)
+    frame[cache.LATENT_KEY], frame[cache.TEXT_KEY] = latent, text
 
 
 def _validate(frame: pd.DataFrame) -> None:
@@ -469,47 +601,156 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
         frame.loc[ordered, SHARD] = [f"{name}/part-{i // rows_per_shard:05d}" for i in range(len(ordered))]
 
 
-def _encode(pending: pd.DataFrame, store: cache.Store, config: TrainConfig, address: str | None) -> dict[str, float]:
-    import ray
+TEXT_PART_ROWS = 256  # captions per file of the work folder's caption embeddings
 
-    cluster_gpus = _connect_and_count_gpus(address)
-    _check_resources(config, ray.cluster_resources())
-    rows = pending.copy()
+
+def _encode(pending: pd.DataFrame, store: cache.Store, version: str, config: TrainConfig, address: str | None,
+            encodings: Encodings, stats: Reuse) -> dict[str, float]:  # fmt: skip
+    """Encode what no earlier build has (distinct captions first, then latents) and write the
+    pending shards, each as soon as all its rows are there."""
+    work = f"{cache.WORK_DIR}/{version}"
+    for part in store.files(f"{work}/{TEXTS_DIR}", "part-*.arrow"):  # a resumed build's captions
+        encodings.add_text_part(store, part)
+    reused_text = pending[cache.TEXT_KEY].isin(encodings.texts)
+    captions = pending[~reused_text].drop_duplicates(cache.TEXT_KEY).sort_values(cache.TEXT_KEY)
+    to_decode = pending[~pending[cache.LATENT_KEY].isin(encodings.latents)]
+    stats.vae_encoded, stats.vae_reused = len(to_decode), len(pending) - len(to_decode)
+    stats.text_encoded, stats.text_reused = len(captions), len(pending) - len(captions)
+    timing = {"encoded_rows": len(to_decode), "encode_wall_seconds": 0.0, "vae_window_seconds": 0.0,
+              "vae_seconds": 0.0, "text_seconds": 0.0}  # fmt: skip
+    cluster_gpus = 0.0
+    if len(captions) or len(to_decode):
+        cluster_gpus = _connect_and_count_gpus(address)
+        import ray
+
+        _check_resources(config, ray.cluster_resources())
+    started = time.perf_counter()
+    # T5 runs beside the VAE (their actors together fit the cluster: _check_resources); a shard
+    # is written once the captions are done, which is long before the VAE is.
+    captioning = _Background(_encode_captions, captions, store, work, config, cluster_gpus, encodings)
+    if len(captions):
+        captioning.start()
+    expected = to_decode.groupby(SHARD).size().to_dict()
+    shards = {shard: rows for shard, rows in pending.groupby(SHARD, sort=True)}
+
+    def write(shard: str, encoded: pd.DataFrame | None) -> None:
+        timing["text_seconds"] = captioning.result(default=0.0)
+        _write_shard(store, version, shard, _complete(shards[shard], encoded, encodings, stats), config.frame_interval)
+
+    if not len(to_decode):
+        for shard in shards:
+            write(shard, None)
+        timing["encode_wall_seconds"] = time.perf_counter() - started
+        return timing
+    rows = to_decode.copy()
     rows[FILE] = [str(p) for p in resolve_paths(rows[cache.PATH], Path(config.data_path), config.root)]
     rows = rows.sort_values([SHARD, cache.ID])  # shards complete one after another
-    expected = rows.groupby(SHARD).size().to_dict()
     # One block per shard: blocks stream through the stages and shards complete in order.
     dataset = ray.data.from_pandas([group for _, group in rows.groupby(SHARD, sort=True)])
     buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
     counts: Counter[str] = Counter()
-    started = time.perf_counter()
-    spans: dict[str, set[tuple]] = {"vae": set(), "text": set()}  # (start, end[, frames]) of each call
+    spans: set[tuple] = set()  # (start, end, frames) of each VAE call
     for arrived in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
         # Rebuilt column by column: blocks of mixed column types must not reach groupby.
         batch = Rejects(arrived).into(pd.DataFrame({c: arrived[c].tolist() for c in arrived.columns}))
-        spans["vae"].update(map(tuple, batch["vae_span"]))
-        spans["text"].update(map(tuple, batch["text_span"]))
+        spans.update(map(tuple, batch["vae_span"]))
         for shard, part in batch.groupby(SHARD):
             buffers[shard].append(part)
             counts[shard] += len(part)
             if counts[shard] == expected[shard]:
-                _write_shard(store, shard, pd.concat(buffers.pop(shard)), config.frame_interval)
-    total = time.perf_counter() - started
-    busy = {name: sum(span[1] - span[0] for span in found) for name, found in spans.items()}
+                write(shard, pd.concat(buffers.pop(shard)))
+    for shard in shards:  # shards whose latents are all reused
+        if shard not in expected:
+            write(shard, None)
+    timing["encode_wall_seconds"] = time.perf_counter() - started
+    timing["vae_seconds"] = sum(span[1] - span[0] for span in spans)
     # Steady state: from the VAE's first call to its last, how much of the time it was computing.
-    vae = spans["vae"]
-    vae_window = max(span[1] for span in vae) - min(span[0] for span in vae) if vae else 0.0
-    frames = sum(span[2] for span in vae)
-    rate = f" ({frames / busy['vae']:.1f} frames/s)" if busy["vae"] > 0 else ""
-    _log(f"encoded {len(rows)} rows in {total:.1f} s; model time: VAE {busy['vae']:.1f} s{rate}, "
-         f"T5 {busy['text']:.1f} s")  # fmt: skip
-    return {
-        "encoded_rows": len(rows),
-        "encode_wall_seconds": total,
-        "vae_window_seconds": vae_window,
-        "vae_seconds": busy["vae"],
-        "text_seconds": busy["text"],
-    }
+    timing["vae_window_seconds"] = max(span[1] for span in spans) - min(span[0] for span in spans) if spans else 0.0
+    frames = sum(span[2] for span in spans)
+    rate = f" ({frames / timing['vae_seconds']:.1f} frames/s)" if timing["vae_seconds"] > 0 else ""
+    _log(f"encoded {len(rows)} rows in {timing['encode_wall_seconds']:.1f} s; model time: VAE "
+         f"{timing['vae_seconds']:.1f} s{rate}, T5 {timing['text_seconds']:.1f} s")  # fmt: skip
+    return timing
+
+
+class _Background(threading.Thread):
+    """A call run in a thread; `result` waits for it and raises what it raised."""
+
+    def __init__(self, function, *args) -> None:
+        super().__init__(daemon=True)
+        self.function, self.args = function, args
+        self.value, self.error = None, None
+
+    def run(self) -> None:
+        try:
+            self.value = self.function(*self.args)
+        except BaseException as error:  # handed to the caller of result()
+            self.error = error
+
+    def result(self, default=None):
+        if self.ident is None:  # never started
+            return default
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _encode_captions(captions: pd.DataFrame, store: cache.Store, work: str, config: TrainConfig,
+                     cluster_gpus: float, encodings: Encodings) -> float:  # fmt: skip
+    """T5 over distinct captions, written to the work folder in parts (each atomic, so a killed
+    run keeps what it finished); returns the model's time."""
+    import ray
+
+    first = len(store.files(f"{work}/{TEXTS_DIR}", "part-*.arrow"))
+    todo = captions[[cache.TEXT_KEY, cache.TEXT]].reset_index(drop=True)
+    todo["part"] = [f"part-{first + i // TEXT_PART_ROWS:05d}" for i in range(len(todo))]
+    expected = todo.groupby("part").size().to_dict()
+    dataset = ray.data.from_pandas([group for _, group in todo.groupby("part", sort=True)])
+    buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
+    spans: set[tuple] = set()
+    for arrived in text_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
+        batch = pd.DataFrame({c: arrived[c].tolist() for c in arrived.columns})
+        spans.update(map(tuple, batch["text_span"]))
+        for part, rows in batch.groupby("part"):
+            buffers[part].append(rows)
+            if sum(len(b) for b in buffers[part]) == expected[part]:
+                done = pd.concat(buffers.pop(part)).sort_values(cache.TEXT_KEY)
+                relative = f"{work}/{TEXTS_DIR}/{part}.arrow"
+                store.write_table(relative, pa.Table.from_pandas(
+                    done[list(TEXT_PART_SCHEMA.names)], schema=TEXT_PART_SCHEMA, preserve_index=False))  # fmt: skip
+                encodings.add_text_part(store, relative)
+    return sum(span[1] - span[0] for span in spans)
+
+
+def _complete(rows: pd.DataFrame, encoded: pd.DataFrame | None, encodings: Encodings, stats: Reuse) -> pd.DataFrame:
+    """A shard's rows with their encodings: latents from this run's VAE (`encoded`, with its
+    rejects) or an earlier build, captions from this run's T5 or an earlier build."""
+    out = rows.copy()
+    values: dict[str, list] = {c: [] for c in (*LATENT_COLUMNS, *TEXT_COLUMNS, *REJECT_COLUMNS)}
+    fresh = {} if encoded is None else {row[cache.ROW]: row for row in encoded.to_dict("records")}
+    for row in rows.to_dict("records"):
+        source = fresh.get(row[cache.ROW])
+        if source is None:
+            source = {**row, **encodings.latent(row[cache.LATENT_KEY])}
+            stats.bytes_reused += len(source[cache.LATENT_MEAN]) + len(source[cache.LATENT_LOGVAR])
+        reject = [source[c] if isinstance(source[c], str) and source[c] else None for c in REJECT_COLUMNS]  # NaN: None
+        text = dict.fromkeys(TEXT_COLUMNS, None) | {cache.TEXT_EMB: b"", cache.TEXT_SHAPE: [], cache.NUM_TOKENS: 0}
+        if reject[0] is None:
+            text = encodings.text(row[cache.TEXT_KEY])
+            if isinstance(encodings.texts[row[cache.TEXT_KEY]][0], cache.Cache):  # from an earlier build
+                stats.bytes_reused += len(text[cache.TEXT_EMB])
+            if text["reason"]:
+                reject = [ENCODE, text["reason"], text["detail"] or ""]
+        for column in LATENT_COLUMNS:
+            values[column].append(source[column])
+        for column in TEXT_COLUMNS:
+            values[column].append(text[column])
+        for column, value in zip(REJECT_COLUMNS, reject, strict=True):
+            values[column].append(value)
+    for column, column_values in values.items():
+        out[column] = pd.Series(column_values, index=out.index, dtype=object)
+    return out
 
 
 def _check_resources(config: TrainConfig, cluster: dict[str, float]) -> None:
@@ -526,33 +767,36 @@ def _check_resources(config: TrainConfig, cluster: dict[str, float]) -> None:
         )
 
 
-def _write_shard(store: cache.Store, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
+def _write_shard(store: cache.Store, version: str, shard: str, rows: pd.DataFrame, frame_interval: int) -> None:
     """Rejects of the shard first (in the work folder), then its checksum, then the shard
     itself: each atomic, the shard last (a shard that exists is done)."""
+    work = f"{cache.WORK_DIR}/{version}"
     rows = rows.sort_values(cache.ID)
-    store.write_table(f"{cache.WORK_DIR}/rejects/{shard.replace('/', '__')}.arrow", cache.rejects_table(rows))
+    store.write_table(f"{work}/rejects/{shard.replace('/', '__')}.arrow", cache.rejects_table(rows))
     kept = rows[rows[REJECT_STAGE].isna()]
     kept = kept.assign(**{cache.FPS: kept[SRC_FPS] / frame_interval})
     table = pa.Table.from_pandas(
         kept[list(cache.SAMPLE_SCHEMA.names)], schema=cache.SAMPLE_SCHEMA, preserve_index=False
     )
     data = cache.table_bytes(table)
-    store.write_json(_checksum_file(shard), cache.shard_record(data, table.num_rows))
-    store.write_bytes(f"{cache.BUCKETS_DIR}/{shard}.arrow", data)
+    store.write_json(_checksum_file(work, shard), cache.shard_record(data, table.num_rows))
+    store.write_bytes(_shard_path(version, shard), data)
 
 
-def _finish(store: cache.Store, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
-    """rejects.arrow from the probe table and the shards' rejects, then the manifest, last."""
+def _finish(store: cache.Store, version: str, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
+    """rejects.arrow from the probe table and the shards' rejects, then the manifest, last: the
+    switch to this version. Then the previous version and the work folder go."""
+    work = f"{cache.WORK_DIR}/{version}"
     tables = [cache.rejects_table(probed)]  # rows that never reached a shard
-    tables += [store.read_table(path) for path in store.files(f"{cache.WORK_DIR}/rejects", "*.arrow")]
+    tables += [store.read_table(path) for path in store.files(f"{work}/rejects", "*.arrow")]
     rejects = pa.concat_tables(tables).sort_by(cache.ROW)  # in the input's order
-    store.write_table(cache.REJECTS, rejects)
+    store.write_table(f"{version}/{cache.REJECTS}", rejects)
 
     kept: Counter[str] = Counter()
     shards = {}
-    for shard in store.files(cache.BUCKETS_DIR, "part-*.arrow"):
-        name = shard.removeprefix(f"{cache.BUCKETS_DIR}/").removesuffix(".arrow")  # <bucket>/part-NNNNN
-        shards[shard] = store.read_json(_checksum_file(name))  # written just before the shard
+    for shard in store.files(f"{version}/{cache.BUCKETS_DIR}", "part-*.arrow"):
+        name = shard.removeprefix(f"{version}/{cache.BUCKETS_DIR}/").removesuffix(".arrow")  # <bucket>/part-NNNNN
+        shards[shard] = store.read_json(_checksum_file(work, name))  # written just before the shard
         kept[shard.split("/")[-2]] += shards[shard]["rows"]
     stages = rejects.column(cache.STAGE).to_pylist()
     reasons = rejects.column(cache.REASON).to_pylist()
@@ -560,6 +804,7 @@ def _finish(store: cache.Store, probed: pd.DataFrame, parts: dict[str, str]) -> 
     rejected = Counter(f"{s}: {r}" for s, r in zip(stages, reasons, strict=True) if s != BUCKETING)
     manifest = {
         "format_version": cache.FORMAT_VERSION,
+        "version": version,
         "fingerprint": parts,
         "buckets": {name: count for name, count in sorted(kept.items()) if count},
         "rows_in": len(probed),
@@ -572,14 +817,31 @@ def _finish(store: cache.Store, probed: pd.DataFrame, parts: dict[str, str]) -> 
     }
     if manifest["rows_in"] != manifest["kept"] + manifest["rejected"] + manifest["dropped"]:
         raise RuntimeError(f"row accounting is off: {manifest}")  # a bug, never a user error
-    store.write_json(cache.MANIFEST, manifest)
+    store.write_json(cache.MANIFEST, manifest)  # the switch
+    _remove_other_versions(store, keep={version})
     store.delete_dir(cache.WORK_DIR)
     return _summary_from_manifest(manifest)
 
 
-def _checksum_file(shard: str) -> str:
+def _estimate_savings(store: cache.Store, stats: Reuse, timing: dict[str, float]) -> None:
+    """Model time per row from this run where it encoded, else from the last build's record
+    (build.json); this run's rates are recorded for the next one."""
+    rates = store.read_json(cache.BUILD_LOG) if store.exists(cache.BUILD_LOG) else {}
+    if stats.vae_encoded and timing.get("vae_seconds"):
+        rates["vae_seconds_per_row"] = timing["vae_seconds"] / stats.vae_encoded
+    if stats.text_encoded and timing.get("text_seconds"):
+        rates["text_seconds_per_caption"] = timing["text_seconds"] / stats.text_encoded
+    if rates:
+        store.write_json(cache.BUILD_LOG, rates)
+    vae, text = rates.get("vae_seconds_per_row"), rates.get("text_seconds_per_caption")
+    if (stats.vae_reused and vae is None) or (stats.text_reused and text is None):
+        return
+    stats.seconds_saved = stats.vae_reused * (vae or 0.0) + stats.text_reused * (text or 0.0)
+
+
+def _checksum_file(work: str, shard: str) -> str:
     """Where the checksum of shard `<bucket>/part-NNNNN` waits for the manifest."""
-    return f"{cache.CHECKSUMS_DIR}/{shard.replace('/', '__')}.json"
+    return f"{work}/{cache.CHECKSUMS_DIR}/{shard.replace('/', '__')}.json"
 
 
 def _summary_from_manifest(manifest: dict[str, Any], up_to_date: bool = False) -> Summary:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,16 @@ def clean_cache(tmp_path_factory, demo_csv: Path, debug_models) -> tuple[Path, P
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"rows in: {DEMO_NUM + 3}   kept: {DEMO_NUM}   dropped by bucketing: 0   rejected: 3" in result.stdout
     return folder / "cache", config
+
+
+def assert_same_cache(ours: Path, theirs: Path) -> None:
+    """Byte for byte: the manifest and every file of the version it names; nothing else left."""
+    assert (ours / "manifest.json").read_bytes() == (theirs / "manifest.json").read_bytes()
+    version = json.loads((ours / "manifest.json").read_text())["version"]
+    files = sorted(p.relative_to(ours) for p in (ours / version).rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(theirs) for p in (theirs / version).rglob("*") if p.is_file())
+    assert any(f.name.startswith("part-") for f in files) and (ours / version / "probe.arrow").exists()
+    for file in files:
+        assert (ours / file).read_bytes() == (theirs / file).read_bytes(), file
+    top = sorted(p.name for p in ours.iterdir() if p.name != "build.json")
+    assert top == sorted(p.name for p in theirs.iterdir() if p.name != "build.json") == ["manifest.json", version]
