@@ -2,8 +2,8 @@
 
     read table -> validate rows -> probe (Ray Data; files an earlier build probed are not)
                -> assign buckets -> plan shards -> encoding keys
-               -> T5 over the distinct captions no earlier build has (actors)
-               -> decode + resize/crop (Ray Data) -> VAE encode (actors), for the latents no earlier build has
+               -> T5 over the distinct captions no earlier build has (actors), beside:
+                  decode + resize/crop (Ray Data) -> VAE encode (actors), for the latents no earlier build has
                -> write shards (atomic) -> rejects.arrow -> manifest.json (last: the switch)
 
 Every row ends in a shard or in rejects.arrow with its stage and reason; no row error
@@ -128,7 +128,9 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 class DecodeFrames:
-    """Decode stage: the frames a bucket needs, resized and centre-cropped, as uint8 bytes."""
+    """Decode stage: the frames a bucket needs, resized and centre-cropped, as uint8 bytes.
+    Run as Ray tasks (`decode_frames`): they reuse the cluster's warm worker processes, where
+    actors would each start a process, which is most of a small incremental build's time."""
 
     def __init__(self, frame_interval: int, frames_factor: float) -> None:
         self.frame_interval = frame_interval
@@ -157,6 +159,11 @@ class DecodeFrames:
             except (DecodeError, ValueError, RuntimeError, OSError) as error:
                 rejects.set(index, DECODE, "cannot decode", str(error))
         return rejects.into(batch, frames=frames, frames_shape=shapes)
+
+
+def decode_frames(batch: pd.DataFrame, frame_interval: int, frames_factor: float) -> pd.DataFrame:
+    """The decode stage as a function, for Ray Data tasks."""
+    return DecodeFrames(frame_interval, frames_factor)(batch)
 
 
 def _device() -> torch.device:
@@ -283,8 +290,8 @@ def encode_pipeline(rows, config: TrainConfig, cluster_gpus: float):
     """Decode and VAE stages, composed: their resources in one place."""
     res = config.preprocess
     return rows.map_batches(
-        DecodeFrames,
-        fn_constructor_kwargs={"frame_interval": config.frame_interval, "frames_factor": config.cache_frames_factor},
+        decode_frames,
+        fn_kwargs={"frame_interval": config.frame_interval, "frames_factor": config.cache_frames_factor},
         batch_format="pandas",
         batch_size=res.decode.batch_size,
         concurrency=res.decode.concurrency,
@@ -606,8 +613,8 @@ TEXT_PART_ROWS = 256  # captions per file of the work folder's caption embedding
 
 def _encode(pending: pd.DataFrame, store: cache.Store, version: str, config: TrainConfig, address: str | None,
             encodings: Encodings, stats: Reuse) -> dict[str, float]:  # fmt: skip
-    """Encode what no earlier build has (distinct captions first, then latents) and write the
-    pending shards, each as soon as all its rows are there."""
+    """Encode what no earlier build has (distinct captions in a thread beside the VAE pipeline)
+    and write the pending shards, each as soon as all its rows are there."""
     work = f"{cache.WORK_DIR}/{version}"
     for part in store.files(f"{work}/{TEXTS_DIR}", "part-*.arrow"):  # a resumed build's captions
         encodings.add_text_part(store, part)

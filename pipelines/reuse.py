@@ -55,12 +55,13 @@ TEXT_PART_SCHEMA = pa.schema(
 
 
 def source_identity(file: str | Path) -> str:
-    """The file as it is now: resolved path, size and modification time ("missing" when it is not there)."""
+    """The file as it is now: its real path (links resolved), size and modification time ("missing" when
+    it is not there)."""
     try:
         stat = os.stat(file)
     except OSError:
-        return f"{os.path.abspath(file)}|missing"
-    return f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
+        return f"{os.path.realpath(file)}|missing"
+    return f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def _digest(*parts: object) -> str:
