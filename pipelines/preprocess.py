@@ -289,7 +289,7 @@ def _gpus_for(stage_gpus: float | None, cluster_gpus: float) -> float:
 def encode_pipeline(rows, config: TrainConfig, cluster_gpus: float):
     """Decode and VAE stages, composed: their resources in one place."""
     res = config.preprocess
-    return rows.map_batches(
+    decoded = rows.map_batches(
         decode_frames,
         fn_kwargs={"frame_interval": config.frame_interval, "frames_factor": config.cache_frames_factor},
         batch_format="pandas",
@@ -297,28 +297,25 @@ def encode_pipeline(rows, config: TrainConfig, cluster_gpus: float):
         concurrency=res.decode.concurrency,
         num_cpus=res.decode.num_cpus,
         num_gpus=0,
-    ).map_batches(
-        VaeEncode,
-        fn_constructor_kwargs={"config": config},
-        batch_format="pandas",
-        batch_size=res.vae.batch_size,
-        concurrency=res.vae.concurrency,
-        num_cpus=res.vae.num_cpus,
-        num_gpus=_gpus_for(res.vae.num_gpus, cluster_gpus),
     )
+    return _model_stage(decoded, VaeEncode, res.vae, config, cluster_gpus)
 
 
 def text_pipeline(captions, config: TrainConfig, cluster_gpus: float):
     """The T5 stage over distinct captions."""
-    res = config.preprocess
-    return captions.map_batches(
-        TextEncode,
+    return _model_stage(captions, TextEncode, config.preprocess.text, config, cluster_gpus)
+
+
+def _model_stage(rows, model: type, res, config: TrainConfig, cluster_gpus: float):
+    """A model stage: actors of `model(config)`, each loading the model once, on a GPU when there are GPUs."""
+    return rows.map_batches(
+        model,
         fn_constructor_kwargs={"config": config},
         batch_format="pandas",
-        batch_size=res.text.batch_size,
-        concurrency=res.text.concurrency,
-        num_cpus=res.text.num_cpus,
-        num_gpus=_gpus_for(res.text.num_gpus, cluster_gpus),
+        batch_size=res.batch_size,
+        concurrency=res.concurrency,
+        num_cpus=res.num_cpus,
+        num_gpus=_gpus_for(res.num_gpus, cluster_gpus),
     )
 
 
