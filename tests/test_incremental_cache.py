@@ -69,8 +69,8 @@ def test_growing_a_table_encodes_only_the_new_rows_and_equals_a_clean_build(clea
 def test_a_caption_edit_costs_no_vae_call(clean_cache, demo_csv, tmp_path):
     clean, config = clean_cache
     edited = pd.read_csv(demo_csv)
-    edited.loc[0, "text"] = "a white square glides down on a yellow background"
-    edited.loc[1, "text"] = edited.loc[2, "text"]  # two rows now share a caption: encoded once
+    edited.loc[0, "text"] = edited.loc[3, "text"] = "a square glides on a yellow background"  # new, twice: once
+    edited.loc[1, "text"] = edited.loc[2, "text"]  # an earlier build has this caption
     table = table_beside(demo_csv, "edited", edited)
     cache = copy_of(clean, tmp_path)
     result = preprocess(table, config, cache)
@@ -79,12 +79,15 @@ def test_a_caption_edit_costs_no_vae_call(clean_cache, demo_csv, tmp_path):
     assert result["probed"] == 1  # the missing file, looked for again
     old, new = Cache(clean), Cache(cache)
     old_rows = {row["path"]: row for bucket in old.buckets() for row in old.table(bucket).to_pylist()}
+    texts = {row["path"]: row["text_emb"] for bucket in new.buckets() for row in new.table(bucket).to_pylist()}
     for bucket in new.buckets():
         for row in new.table(bucket).to_pylist():
             before = old_rows[row["path"]]
             assert row["latent_mean"] == before["latent_mean"] and row["latent_key"] == before["latent_key"]
             if row["path"] == "clip_001.mp4":
                 assert row["text_emb"] == old_rows["clip_002.mp4"]["text_emb"]
+            elif row["path"] == "clip_003.mp4":
+                assert row["text_emb"] == texts["clip_000.mp4"] and row["text_emb"] != before["text_emb"]
             elif row["path"] != "clip_000.mp4":
                 assert row["text_emb"] == before["text_emb"]
     assert [p.name for p in cache.iterdir() if p.name.startswith("v-")] == [new.version]  # the old version gone
