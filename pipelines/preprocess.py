@@ -288,13 +288,15 @@ def _gpus_for(stage_gpus: float | None, cluster_gpus: float) -> float:
 
 def encode_pipeline(rows, config: TrainConfig, cluster_gpus: float):
     """Decode and VAE stages, composed: their resources in one place."""
+    from ray.data import TaskPoolStrategy
+
     res = config.preprocess
     decoded = rows.map_batches(
         decode_frames,
         fn_kwargs={"frame_interval": config.frame_interval, "frames_factor": config.cache_frames_factor},
         batch_format="pandas",
         batch_size=res.decode.batch_size,
-        concurrency=res.decode.concurrency,
+        compute=TaskPoolStrategy(size=res.decode.concurrency),
         num_cpus=res.decode.num_cpus,
         num_gpus=0,
     )
@@ -308,12 +310,14 @@ def text_pipeline(captions, config: TrainConfig, cluster_gpus: float):
 
 def _model_stage(rows, model: type, res, config: TrainConfig, cluster_gpus: float):
     """A model stage: actors of `model(config)`, each loading the model once, on a GPU when there are GPUs."""
+    from ray.data import ActorPoolStrategy
+
     return rows.map_batches(
         model,
         fn_constructor_kwargs={"config": config},
         batch_format="pandas",
         batch_size=res.batch_size,
-        concurrency=res.concurrency,
+        compute=ActorPoolStrategy(size=res.concurrency),
         num_cpus=res.num_cpus,
         num_gpus=_gpus_for(res.num_gpus, cluster_gpus),
     )
@@ -526,8 +530,8 @@ def _load_or_probe(store: cache.Store, version: str, table: pd.DataFrame, table_
         ready = to_probe[~missing]
         chunks = [ready.iloc[i : i + res.batch_size] for i in range(0, len(ready), res.batch_size)]
         results.append(ray.data.from_pandas(chunks).map_batches(
-            probe_batch, batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
-            num_cpus=res.num_cpus,
+            probe_batch, batch_format="pandas", batch_size=res.batch_size,
+            compute=ray.data.TaskPoolStrategy(size=res.concurrency), num_cpus=res.num_cpus,
         ).to_pandas())  # fmt: skip
     if results:
         probed = pd.concat(results).sort_values(cache.ROW)
