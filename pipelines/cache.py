@@ -223,6 +223,11 @@ class Store:
             if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern)
         )
 
+    def folders(self, relative_dir: str = "") -> list[str]:
+        """Names of the folders directly inside a folder, sorted."""
+        selector = pafs.FileSelector(self.path(relative_dir), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+
     def delete_dir(self, relative: str) -> None:
         if self.fs.get_file_info(self.path(relative)).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(relative))

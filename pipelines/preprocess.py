@@ -446,11 +446,11 @@ def _remove_temp_files(store: cache.Store) -> None:
 def _remove_other_versions(store: cache.Store, keep: set[str]) -> None:
     """Versions other than `keep`: a finished one the manifest no longer names (a switch that
     stopped before its clean-up), or an unfinished build of another table or config."""
-    for relative in sorted({name.split("/")[0] for name in store.files("", "*")}):
+    for relative in store.folders():
         if relative.startswith(cache.VERSION_PREFIX) and relative not in keep:
             store.delete_dir(relative)
             _log(f"removed {store.path(relative)}: a version this cache no longer uses")
-    for relative in sorted({name.split("/")[1] for name in store.files(cache.WORK_DIR, "*")}):
+    for relative in store.folders(cache.WORK_DIR):
         if relative not in keep:
             store.delete_dir(f"{cache.WORK_DIR}/{relative}")
 

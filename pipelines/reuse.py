@@ -87,7 +87,7 @@ class Encodings:
         self.latents: dict[str, tuple[cache.Cache, str]] = {}  # key -> (cache, shard)
         self.texts: dict[str, tuple[Any, str]] = {}  # key -> (cache or store, shard or text part)
         self.probes: list[pa.Table] = []  # probe tables of the finished caches, for their probe results
-        self._tables: OrderedDict[tuple[str, str], dict[str, dict[str, Any]]] = OrderedDict()
+        self._tables: OrderedDict[tuple[str, str], dict[str, dict[str, dict[str, Any]]]] = OrderedDict()
         self._kept = tables_kept
 
     def add_cache(self, found: cache.Cache) -> None:
@@ -109,16 +109,19 @@ class Encodings:
             self.texts[key] = (store, part)
 
     def _rows(self, where: Any, name: str, key_column: str) -> dict[str, dict[str, Any]]:
-        """The rows of a shard or text part by key, a few files kept in memory."""
+        """The rows of a shard or text part by key; each file is read once for both its keys, a
+        few files kept in memory."""
         location = where.store.location if isinstance(where, cache.Cache) else where.location
-        slot = (location, name, key_column)
+        slot = (location, name)
         if slot not in self._tables:
             table = where.read_shard(name) if isinstance(where, cache.Cache) else where.read_table(name)
-            self._tables[slot] = {row[key_column]: row for row in table.to_pylist()}
+            rows = table.to_pylist()
+            self._tables[slot] = {column: {row[column]: row for row in rows}
+                                  for column in (LATENT_KEY, TEXT_KEY) if column in table.column_names}  # fmt: skip
             while len(self._tables) > self._kept:
                 self._tables.popitem(last=False)
         self._tables.move_to_end(slot)
-        return self._tables[slot]
+        return self._tables[slot][key_column]
 
     def latent(self, key: str) -> dict[str, Any]:
         """The latent columns of `key` (KeyError when no build has it)."""
