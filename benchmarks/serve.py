@@ -1,5 +1,6 @@
 """Serving: one request over HTTP through Ray Serve against the same sampling call in process,
-then throughput with several concurrent clients.
+then throughput with several concurrent clients, then jobs: the time from `POST /jobs` to the
+first progress event, and what the per-step progress events cost a sample.
 
 The application is the one `configs/serve.yaml` deploys (`pipelines.serve.make_app`, which
 `build_app` calls), with the debug models written to a temporary folder. "In process" is
@@ -8,13 +9,18 @@ what the server does for a request, without HTTP and Ray: check the request, sam
 gets, in a process of its own. Calls alternate between the two so drift hits both alike;
 the figures are medians. Throughput clients retry a 503 after half a second.
 
-    python benchmarks/serve.py [--repeats 7] [--clients 1 2 4] [--replicas 1] [--steps 10]
+    python benchmarks/serve.py [--repeats 7] [--clients 1 2 4] [--replicas 1] [--steps 10] [--only jobs]
+
+Progress events are measured at the generator deployment, as the ingress calls it: the same
+sample with an event per diffusion step and without (`stream(..., report_steps=False)`),
+alternating, medians of `--repeats`.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import socket
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="generator replicas")
     parser.add_argument("--cpus-per-replica", type=float, default=1, help="CPU cores per replica (serve.yaml: 1)")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps per request")
+    parser.add_argument("--event-steps", type=int, default=50, help="sampling steps of the progress-event comparison")
+    parser.add_argument("--only", nargs="+", choices=["http", "jobs"], default=["http", "jobs"], help="sections to run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,6 +142,14 @@ def main() -> None:
         assert status == 200, body[:300]
         return {"seconds": time.perf_counter() - start, "md5": hashlib.md5(body).hexdigest()}
 
+    if "jobs" in args.only:
+        jobs_section(f"http://127.0.0.1:{port}", base, args)
+    if "http" not in args.only:
+        worker.stdin.close()
+        worker.wait()
+        serve.shutdown()
+        ray.shutdown()
+        return
     same = in_process()["md5"] == over_http()["md5"]  # warm-up: allocations, first-call costs
     local_times, http_times = [], []
     for _ in range(args.repeats):
@@ -185,6 +201,68 @@ def main() -> None:
               f"{p95 * 1000:>8.0f} {rejected:>6}")  # fmt: skip
     serve.shutdown()
     ray.shutdown()
+
+
+def first_step_seconds(url: str, steps: int) -> float:
+    """From POST /jobs to the first event that reports a diffusion step done."""
+    import http.client
+
+    start = time.perf_counter()
+    request = urllib.request.Request(f"{url}/jobs", json.dumps(payload(steps)).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        job = json.loads(response.read())
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("GET", f"/jobs/{job['id']}/events")
+    first = None
+    for line in connection.getresponse():
+        if line.startswith(b"data: ") and json.loads(line[6:])["step"] >= 1:
+            first = first or time.perf_counter() - start
+        if line.startswith(b"data: ") and json.loads(line[6:])["status"] == "done":
+            break
+    connection.close()
+    return first
+
+
+def jobs_section(url: str, base, args) -> None:
+    import asyncio
+
+    from ray import serve
+
+    from pipelines.sample import prepare_item
+
+    first = [first_step_seconds(url, args.steps) for _ in range(args.repeats + 1)][1:]  # the first warms up
+    print(f"jobs, debug model, {base.num_frames}x{base.image_size[0]}x{base.image_size[1]}; medians of {args.repeats}")
+    print(f"  POST /jobs to the first progress event (a replica free): {statistics.median(first) * 1000:8.1f} ms"
+          f"  (max {max(first) * 1000:.1f} ms; target < 1000 ms)")  # fmt: skip
+
+    generator = serve.get_deployment_handle("SoraGenerator", app_name="sora")
+    item = prepare_item("a red circle moves left on a blue background", [], None, base, [])
+    steps = args.event_steps
+
+    async def sample(report: bool) -> tuple[float, int]:
+        config = dataclasses.replace(base, scheduler=dataclasses.replace(base.scheduler, num_sampling_steps=steps))
+        start = time.perf_counter()
+        events = 0
+        async for kind, _ in generator.options(stream=True).stream.remote(item, config, 3, report_steps=report):
+            events += kind == "step"
+        return time.perf_counter() - start, events
+
+    async def measure() -> tuple[list[float], list[float], int]:
+        await sample(True)  # warm-up
+        with_events, without = [], []
+        for index in range(args.repeats * 2):
+            report = index % 2 == 0  # alternating: drift hits both alike
+            seconds, events = await sample(report)
+            (with_events if report else without).append(seconds)
+        return with_events, without, events
+
+    with_events, without, _ = asyncio.run(measure())
+    on, off = statistics.median(with_events), statistics.median(without)
+    print(f"  one sample of {steps} steps with an event per step: {on * 1000:8.1f} ms")
+    print(f"  the same without step events:                  {off * 1000:8.1f} ms")
+    print(f"  with / without:                                {on / off:8.3f}  (target <= 1.02)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
     preview.py        training previews: sampled from a checkpoint's EMA weights beside training
     cluster.py        joining (or starting) a Ray cluster: one policy for every command
     sample.py         `sora sample`: prompts and references checked, the Sampler, long video
-    serve.py          the Ray Serve application (configs/serve.yaml)
+    serve.py          the Ray Serve application (configs/serve.yaml): the page, the API, the jobs
+    jobs.py           serving jobs' bookkeeping: states, progress, time left, how long they are kept
+    web/              the web page: index.html, app.js, style.css (plain files, served as they are)
     demo_data.py      `sora demo-data`: a small captioned dataset of moving shapes
     contact_sheet.py  a grid of video frames with a caption under each row (PNG)
     demo_eval.py      `sora demo-eval`: judges demo videos against their captions from the pixels; contact sheet
@@ -30,7 +32,7 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
 Imports point down: cli.py -> pipelines -> sora_model, bucketing. Inside pipelines,
 the job modules (preprocess, train, sample, serve, bucket_report, demo_eval, demo_vae,
 batch_search) import the shared ones (config, cache, dataset, media, models, checkpoint, cluster,
-device, trainer) and never each
+device, trainer, jobs) and never each
 other, except serve, which serves `sample`'s Sampler, and demo_vae, whose fit is judged by
 demo_eval's measurement, as the demo's samples are; trainer.py never imports ray.
 """

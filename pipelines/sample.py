@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -121,12 +122,14 @@ def prepare_item(
     strategy_field: str = "mask_strategy",
     max_pixels: int | None = None,
     notice: Callable[[str], None] | None = None,
+    refuse_unused: bool = False,
 ) -> SampleItem:
     """Read and check one prompt's conditioning; errors name the field, the entry and the tuple.
 
     `media` are files (images or videos); `media_labels[i]` names entry i in messages (and
     is the field of its errors). Only the frames the tuples take are decoded. A reference
-    no tuple uses is not read, and `notice` is told; `max_pixels` bounds a reference's size.
+    no tuple uses is not read, and `notice` is told (or, with `refuse_unused`, it is an
+    error: a server's client may not see notices); `max_pixels` bounds a reference's size.
     """
     try:
         masks = parse_mask_strategy(strategy)
@@ -148,6 +151,9 @@ def prepare_item(
         unused = check_strategy(masks, counts, config.long_video)
     except ConditionError as error:
         raise FieldError(strategy_field, f"{strategy_field}: {error}") from None
+    if unused and refuse_unused:
+        label = media_labels[unused[0]]
+        raise FieldError(label, f"{label}: no {strategy_field} tuple uses it; name it in a tuple or leave it out")
     if unused and notice is not None:
         names = ", ".join(media_labels[index] for index in unused)
         notice(f"note: {strategy_field} uses no frame of {names}; not read")
@@ -207,6 +213,25 @@ def video_name(index: int, prompt: str) -> str:
 # --------------------------------------------------------------------------- sampling
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a sampling call is: diffusion step `step` of `steps` of clip `clip` of `loops`."""
+
+    clip: int  # 1-based
+    loops: int
+    step: int  # steps done in this clip
+    steps: int  # per clip
+
+    @property
+    def done(self) -> int:
+        """Steps done over all clips."""
+        return (self.clip - 1) * self.steps + self.step
+
+    @property
+    def total(self) -> int:
+        return self.loops * self.steps
+
+
 class Sampler:
     """The VAE, T5 and diffusion transformer of an inference config, loaded once.
 
@@ -234,12 +259,14 @@ class Sampler:
         items: Sequence[SampleItem],
         config: InferenceConfig | None = None,
         seed: int | None = None,
-        progress: bool = False,
+        progress: bool | Callable[[Progress], None] = False,
     ) -> np.ndarray:
         """Videos (B, frames, H, W, 3) uint8 for a batch of prepared items.
 
         `config` gives the sampling settings (default: the one the models were loaded
-        with); `seed` (default: the config's) makes the result reproducible.
+        with); `seed` (default: the config's) makes the result reproducible. `progress`: a
+        bar per clip, or a callable given a `Progress` after every diffusion step (it may
+        raise to stop sampling there).
         """
         from sora_model.diffusion import build_scheduler
         from sora_model.long_video import sample_long
@@ -270,9 +297,15 @@ class Sampler:
         # One generator per batch: the same seed gives the same videos.
         generator = torch.Generator(device=device).manual_seed(config.seed if seed is None else seed)
 
+        clips = itertools.count(1)
+
         def sample_clip(reference, edit):
             noise = torch.randn((batch, *shape), generator=generator, device=device)
-            return scheduler.sample(model_fn, noise, reference, edit, generator=generator, progress=progress,
+            on_step = progress
+            if callable(progress):
+                clip, loops = next(clips), config.long_video.loop
+                on_step = lambda done, steps: progress(Progress(clip, loops, done, steps))  # noqa: E731
+            return scheduler.sample(model_fn, noise, reference, edit, generator=generator, progress=on_step,
                                     sizes=(*config.image_size, shape[1]))  # fmt: skip
 
         latents = sample_long(sample_clip, conditions, config.long_video, shape, device)

@@ -1,21 +1,28 @@
 """Sampling over HTTP: a Ray Serve application, deployed from `configs/serve.yaml`.
 
-    serve run configs/serve.yaml                              # locally
+    serve run configs/serve.yaml                              # locally; then open http://127.0.0.1:8000/
     RAY_AUTH_MODE=token ray serve deploy configs/serve.yaml   # on a cluster started with `ray start --head`
 
 Two deployments:
 
-- `SoraAPI`, the ingress: routes, checks every request field against the limits, decodes
-  uploaded reference media and encodes the mp4. It is light and takes many requests at
-  once, so `/health` answers while videos are being sampled.
+- `SoraAPI`, the ingress: the web page, routes, checks every request field against the
+  limits, decodes uploaded reference media, runs the jobs and encodes the mp4s. It is light
+  (asyncio only) and takes many requests at once; it refuses overload itself, as JSON 503s
+  with Retry-After, so `/health` never waits behind other requests.
 - `SoraGenerator`: the models, loaded once per replica (one GPU each when the cluster has
-  GPUs), sampling one request at a time. Requests wait in a bounded queue (a replica's
-  `max_ongoing_requests`, then `max_queued_requests`); past it the ingress answers 503
-  with Retry-After.
+  GPUs), sampling one request at a time and streaming one progress event per diffusion step.
+  A cancelled request stops at its next step and frees the replica.
 
-Routes: `GET /health`, `GET /` (the request fields, defaults and limits), `POST /generate`
-(JSON in, `video/mp4` out). Bad requests get 4xx with `{"error": ..., "field": ...}`.
-Reference media are uploaded bytes (base64 in the JSON), never a path on the server.
+Routes: `GET /` (the web page), `GET /api` (the request fields, defaults and limits),
+`GET /health`, `POST /jobs` (202 and a job id), `GET /jobs/{id}` (status, step, time left),
+`GET /jobs/{id}/events` (server-sent events, one per step), `GET /jobs/{id}/video`,
+`DELETE /jobs/{id}` (cancel), and `POST /generate` (JSON in, `video/mp4` out, a job waited
+for; a client that disconnects cancels it). Bad requests get 4xx with `{"error": ...,
+"field": ...}`. Reference media are uploaded bytes (base64 in the JSON), never a path on the
+server, and no answer shows a path of the server's.
+
+Jobs live in the ingress's memory: run one SoraAPI replica (the yaml does) so that every
+request of a job reaches the replica that holds it.
 """
 
 from __future__ import annotations
@@ -29,9 +36,13 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+import warnings
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +50,19 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pipelines.checkpoint import resolve_weights
 from pipelines.config import ConfigError, InferenceConfig, did_you_mean, load_config
+from pipelines.jobs import Full, Job, JobSettings, JobTable
 from pipelines.media import encode_mp4
 from pipelines.sample import FieldError, check_fixed_size, check_sampling, conditioned_by, prepare_item
 
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait
+BACKOFF_S = 0.5  # a job whose generators are all busy asks again after this long
+KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
+WEB = Path(__file__).parent / "web"  # the page: plain files, served as they are
+STATIC_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 logger = logging.getLogger("ray.serve")
 
 
@@ -64,6 +80,9 @@ class ServeLimits:
     max_sampling_steps: int = 250
     max_cfg_scale: float = 50.0
     max_references: int = 8
+    max_time_limit_s: float = 600.0  # a request's `time_limit_s` (also its default)
+    body_timeout_s: float = 10.0  # a body that has not arrived by then gets 408
+    max_pending_requests: int = 64  # requests being read and checked at once; past it, 503
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,7 @@ class ServeArgs:
     ckpt_path: str | None = None  # sets model.from_pretrained, as `sora sample --ckpt-path`
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # dotted config fields
     limits: ServeLimits = ServeLimits()
+    jobs: JobSettings = dataclasses.field(default_factory=JobSettings)
     num_cpus: float = 1.0  # CPU cores (torch threads) per generator replica on a CPU-only cluster
     use_gpu: bool | None = None  # one GPU per generator replica; None: when the cluster has GPUs
 
@@ -86,9 +106,11 @@ class ServeArgs:
             raise ConfigError("args.config: missing; name an inference config file")
         limits = args.pop("limits", None) or {}
         _no_unknown(limits, [f.name for f in dataclasses.fields(ServeLimits)], "args.limits")
+        jobs = args.pop("jobs", None) or {}
+        _no_unknown(jobs, [f.name for f in dataclasses.fields(JobSettings)], "args.jobs")
         try:
-            return cls(**args, limits=ServeLimits(**limits))
-        except TypeError as error:
+            return cls(**args, limits=ServeLimits(**limits), jobs=JobSettings(**jobs))
+        except (TypeError, ValueError) as error:
             raise ConfigError(f"args: {error}") from None
 
 
@@ -108,7 +130,41 @@ class RequestError(Exception):
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
-        return JSONResponse({"error": self.message, "field": self.field}, self.status, headers=headers)
+        return JSONResponse({"error": public(self.message), "field": self.field}, self.status, headers=headers)
+
+
+def busy(what: str) -> RequestError:
+    """The answer to overload: 503 with Retry-After, as JSON like every other refusal."""
+    return RequestError(503, None, f"busy: {what}; retry after {RETRY_AFTER_S} s")
+
+
+# Folders of the server's machine that must not show in an answer: a message that names a file
+# there (an upload's temporary name, the project, the checkpoint) says "…/name" instead.
+_PRIVATE_ROOTS = sorted(
+    {str(Path(root).resolve()) for root in (tempfile.gettempdir(), os.getcwd(), Path.home(), sys.prefix)}
+    | {str(Path(__file__).resolve().parent.parent)},
+    key=len,
+    reverse=True,
+)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+(?=[\w.@+-])")
+
+
+def public(text: str) -> str:
+    """`text` without the folders of this machine: absolute paths keep their last part only."""
+    for root in _PRIVATE_ROOTS:
+        text = text.replace(root + os.sep, "…/").replace(root, "…")
+    return _ABSOLUTE_PATH.sub("…/", text)
+
+
+def public_path(path: str | None) -> str | None:
+    """A configured file as an answer may show it: relative to the server's folder, or its name."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return resolved.name
 
 
 # --------------------------------------------------------------------------- request checking
@@ -124,6 +180,7 @@ REQUEST_FIELDS = (
     "condition_frame_length",
     "mask_strategy",
     "reference",
+    "time_limit_s",
 )
 # Strings (that are not base64) that are a path or URL on somebody's machine, not uploaded bytes.
 _PATH_LIKE = re.compile(
@@ -139,6 +196,7 @@ class GenerateRequest:
     config: InferenceConfig  # the server's config with this request's sizes, steps, seed and loop
     media: tuple[bytes, ...]
     mask_strategy: str | None
+    time_limit_s: float
 
 
 def _integer(payload: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
@@ -163,6 +221,13 @@ def parse_request(payload: Any, base: InferenceConfig, limits: ServeLimits) -> G
         raise RequestError(400, "prompt", "prompt: required, a non-empty string")
     if len(prompt) > limits.max_prompt_chars:
         raise RequestError(400, "prompt", f"prompt: {len(prompt)} characters, the limit is {limits.max_prompt_chars}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON can carry "\ud800"; no tokenizer can
+        code = ord(prompt[error.start])
+        raise RequestError(
+            400, "prompt", f"prompt: not valid text: a lone surrogate U+{code:04X} at character {error.start}"
+        ) from None
 
     num_frames = _integer(payload, "num_frames", base.num_frames, 1, limits.max_num_frames)
     size = payload.get("image_size", list(base.image_size))
@@ -191,6 +256,12 @@ def parse_request(payload: Any, base: InferenceConfig, limits: ServeLimits) -> G
     strategy = payload.get("mask_strategy")
     if strategy is not None and not isinstance(strategy, str):
         raise RequestError(400, "mask_strategy", "mask_strategy: must be a string of ';'-separated tuples or null")
+    time_limit = payload.get("time_limit_s", limits.max_time_limit_s)
+    if isinstance(time_limit, bool) or not isinstance(time_limit, int | float) or not math.isfinite(time_limit):
+        raise RequestError(400, "time_limit_s", f"time_limit_s: must be a number, got {json.dumps(time_limit)}")
+    if not 0 < time_limit <= limits.max_time_limit_s:
+        most = f"{limits.max_time_limit_s:g}"
+        raise RequestError(400, "time_limit_s", f"time_limit_s: must be above 0 and at most {most}, got {time_limit}")
 
     try:
         config = dataclasses.replace(
@@ -214,7 +285,7 @@ def parse_request(payload: Any, base: InferenceConfig, limits: ServeLimits) -> G
             400, "loop", f"loop: {loop} clips of {num_frames} frames is {sampled} frames to sample; "
             f"the limit is {limits.max_total_frames}"
         )  # fmt: skip
-    return GenerateRequest(prompt, config, _media(payload.get("reference"), limits), strategy)
+    return GenerateRequest(prompt, config, _media(payload.get("reference"), limits), strategy, float(time_limit))
 
 
 def _media(value: Any, limits: ServeLimits) -> tuple[bytes, ...]:
@@ -247,24 +318,46 @@ def _media(value: Any, limits: ServeLimits) -> tuple[bytes, ...]:
     return tuple(media)
 
 
-def save_upload(data: bytes, folder: Path, index: int) -> Path:
-    """Write an uploaded file where the media readers can open it, named by what it is."""
+def save_upload(data: bytes, folder: Path, index: int, max_pixels: int) -> Path:
+    """Write an uploaded file where the media readers can open it, named by what it is.
+
+    An image whose header claims more than `max_pixels` is refused before anything decodes it
+    (a few bytes of PNG can claim 100000 x 100000 pixels)."""
     from PIL import Image, UnidentifiedImageError
 
+    label = f"reference[{index}]"
     suffix = ".video"  # FFmpeg finds the container from the bytes
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            suffix = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tiff"}.get(
-                image.format or "", suffix
-            )
-    except (UnidentifiedImageError, OSError, ValueError):
-        pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                suffix = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tiff"}.get(
+                    image.format or "", suffix
+                )
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{claimed.group(1)} pixels" if claimed else "too many pixels"
+        raise FieldError(
+            label, f"{label}: the image claims {size}; the limit is {max_pixels} (height x width)"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass  # not an image PIL knows: a video, or nothing; the probe says which
+    else:
+        if width * height > max_pixels:
+            raise FieldError(
+                label, f"{label}: {height}x{width} pixels; the limit is {max_pixels} (height x width)"
+            )  # fmt: skip
     path = folder / f"reference_{index}{suffix}"
     path.write_bytes(data)
     return path
 
 
 # --------------------------------------------------------------------------- deployments
+
+
+class Cancelled(Exception):
+    """Raised in the sampling thread at the next diffusion step of a cancelled request."""
 
 
 @serve.deployment(max_ongoing_requests=4, max_queued_requests=4, health_check_timeout_s=60)
@@ -275,7 +368,7 @@ class SoraGenerator:
     arrival order, on one thread of its own: waiting there costs nothing, where requests
     the replica refuses are retried by Serve's router over and over (measured: a third
     less throughput with 4 clients on 2 cores). Past that, up to `max_queued_requests`
-    wait in the router; beyond, 503.
+    wait in the router; beyond, the ingress's job waits and asks again.
     """
 
     def __init__(self, config: InferenceConfig) -> None:
@@ -284,22 +377,68 @@ class SoraGenerator:
         self.sampler = Sampler(config)
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
 
-    async def generate(self, item, config: InferenceConfig, seed: int):
-        """(frames, H, W, 3) uint8. Off the event loop, so the replica still answers health checks."""
+    async def stream(
+        self, item, config: InferenceConfig, seed: int, report_steps: bool = True
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """Sample one request off the event loop, yielding ("started", None), then ("step",
+        (done, total, clip)) after every diffusion step, then ("video", frames (T, H, W, 3) uint8).
+
+        Cancelling the call (the ingress does, for DELETE /jobs/{id}, a time limit or a client
+        gone) stops the sampler at its next step, or before it starts when still waiting.
+        `report_steps=False` leaves the step events out (benchmarks/serve.py measures their cost)."""
         loop = asyncio.get_running_loop()
-        videos = await loop.run_in_executor(self.worker, self.sampler.generate, [item], config, seed)
-        return videos[0]
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def report(event) -> None:  # on the sampling thread
+            if stop.is_set():
+                raise Cancelled
+            if report_steps or event[0] != "step":
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def run():
+            report(("started", None))
+            on_step = lambda p: report(("step", (p.done, p.total, p.clip)))  # noqa: E731
+            return self.sampler.generate([item], config, seed, progress=on_step)[0]
+
+        sampling = loop.run_in_executor(self.worker, run)
+        sampling.add_done_callback(lambda future: future.cancelled() or future.exception())  # retrieved: no warning
+        try:
+            while True:
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait({event, sampling}, return_when=asyncio.FIRST_COMPLETED)
+                if event.done():
+                    yield event.result()
+                    continue
+                event.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield "video", sampling.result()
+                return
+        finally:
+            stop.set()  # cancelled or done: a sampler still at work stops at its next step
 
 
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=16, ray_actor_options={"num_cpus": 0})
+@serve.deployment(max_ongoing_requests=1000, max_queued_requests=-1, ray_actor_options={"num_cpus": 0})
 class SoraAPI:
-    """The HTTP ingress."""
+    """The HTTP ingress: the page, the API and the jobs.
 
-    def __init__(self, generator, config: InferenceConfig, limits: ServeLimits) -> None:
+    It takes every connection (asyncio only: a waiting request costs a coroutine) and refuses
+    overload itself: more than `max_pending_requests` requests being read and checked, or more
+    than `jobs.max_active` jobs, get a JSON 503 with Retry-After. Serve's own queue would
+    answer a plain-text 503 without it, and would make `/health` wait behind slow uploads.
+    """
+
+    def __init__(self, generator, config: InferenceConfig, limits: ServeLimits, jobs: JobSettings) -> None:
         self.generator = generator
         self.config = config
         self.limits = limits
+        self.jobs = JobTable(jobs)
+        self.tasks: dict[str, asyncio.Task] = {}
         self.preparing = asyncio.Semaphore(2)
+        self.pending = 0
+        self.page = (WEB / "index.html").read_bytes()
+        self.static = {name: (WEB / name).read_bytes() for name in STATIC_TYPES}
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -308,63 +447,203 @@ class SoraAPI:
             path = path[len(root) :]
         path = path.rstrip("/") or "/"
         try:
-            if path == "/generate":
-                if request.method != "POST":
-                    raise RequestError(405, None, "use POST /generate with a JSON body")
-                return await self._generate(request)
-            if path in ("/", "/health") and request.method != "GET":
-                raise RequestError(405, None, f"use GET {path}")
-            if path == "/health":
-                return JSONResponse({"status": "ok", **self._describe_model()})
-            if path == "/":
-                return JSONResponse(self._describe_api())
-            raise RequestError(404, None, f"no route {path}; routes: GET /, GET /health, POST /generate")
+            return await self._route(request, request.method, path)
         except RequestError as error:
             return error.response()
         except Exception:  # a bug of ours: still a JSON answer, and the replica goes on
             logger.exception("request failed")
             return RequestError(500, None, "internal error; see the server's log").response()
 
-    async def _generate(self, request: Request) -> Response:
-        body = await _read_body(request, self.limits.max_body_bytes)
+    async def _route(self, request: Request, method: str, path: str) -> Response:
+        parts = path.strip("/").split("/")
+        if path == "/health":
+            _allow(method, "GET", path)
+            return JSONResponse({"status": "ok", **self._describe_model(), **self._load()})
+        if path == "/":
+            _allow(method, "GET", path)
+            return Response(self.page, media_type="text/html; charset=utf-8")
+        if path == "/api":
+            _allow(method, "GET", path)
+            return JSONResponse(self._describe_api())
+        if parts[0] == "static" and len(parts) == 2 and parts[1] in self.static:
+            _allow(method, "GET", path)
+            return Response(self.static[parts[1]], media_type=STATIC_TYPES[parts[1]])
+        if path == "/generate":
+            _allow(method, "POST", path)
+            return await self._generate(request)
+        if path == "/jobs":
+            _allow(method, ("GET", "POST"), path)
+            if method == "GET":
+                return JSONResponse({"jobs": [self.jobs.describe(job) for job in reversed(self.jobs.jobs.values())]})
+            job = await self._submit(request)
+            return JSONResponse(self.jobs.describe(job), 202, headers={"Location": f"jobs/{job.id}"})
+        if parts[0] == "jobs" and len(parts) in (2, 3):
+            job = self._job(parts[1])
+            view = parts[2] if len(parts) == 3 else None
+            if view is None:
+                _allow(method, ("GET", "DELETE"), path)
+                if method == "DELETE":
+                    self._cancel(job)
+                return JSONResponse(self.jobs.describe(job))
+            if view == "events":
+                _allow(method, "GET", path)
+                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                return StreamingResponse(self._events(job), media_type="text/event-stream", headers=headers)
+            if view == "video":
+                _allow(method, "GET", path)
+                return self._video(job)
+        raise RequestError(404, None, f"no route {path}; routes: {', '.join(ROUTES)}")
+
+    # ------------------------------------------------------------------ jobs
+
+    async def _submit(self, request: Request) -> Job:
+        """Read and check a request, then start its job (queued until a generator takes it)."""
+        if self.pending >= self.limits.max_pending_requests:
+            raise busy(f"{self.pending} requests are being received")
+        self.pending += 1
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-            raise RequestError(400, None, f"the body is not valid JSON: {error}") from None
-        job = parse_request(payload, self.config, self.limits)
+            body = await _read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+                raise RequestError(400, None, f"the body is not valid JSON: {error}") from None
+            asked = parse_request(payload, self.config, self.limits)
+            try:
+                check_fixed_size(self.config, asked.config)
+                check_sampling(asked.config, conditioned_by(asked.config.loop, [asked.mask_strategy]))
+                async with self.preparing:  # decoding media is memory-heavy: a few at a time
+                    item = await asyncio.to_thread(self._prepare, asked, self.limits.max_reference_pixels)
+            except FieldError as error:
+                raise RequestError(400, error.field, str(error)) from None
+        finally:
+            self.pending -= 1
+        config = asked.config
         try:
-            check_fixed_size(self.config, job.config)
-            check_sampling(job.config, conditioned_by(job.config.loop, [job.mask_strategy]))
-            async with self.preparing:  # decoding media is memory-heavy: a few at a time
-                item = await asyncio.to_thread(self._prepare, job, self.limits.max_reference_pixels)
-        except FieldError as error:
-            raise RequestError(400, error.field, str(error)) from None
+            job = self.jobs.create(
+                asked.prompt, config.seed, config.scheduler.num_sampling_steps, config.loop, asked.time_limit_s
+            )  # fmt: skip
+        except Full as error:
+            raise busy(str(error)) from None
+        self.tasks[job.id] = asyncio.create_task(self._run(job, item, config))
+        return job
+
+    async def _run(self, job: Job, item, config: InferenceConfig) -> None:
+        """Sample a job within its time limit and keep its mp4; every ending is recorded on the job."""
         try:
-            frames = await self.generator.generate.remote(item, job.config, job.config.seed)
-        except BackPressureError as error:
-            max_queued = error.args[1] if len(error.args) > 1 else "?"
-            raise RequestError(
-                503, None, f"busy: {max_queued} requests are already waiting; retry after {RETRY_AFTER_S} s"
-            ) from None
-        except Exception as error:  # the generator failed (out of memory, a lost replica): say so as JSON
+            async with asyncio.timeout(job.time_limit_s):
+                frames = await self._sample(job, item, config)
+                mp4 = await asyncio.to_thread(encode_mp4, frames, config.save_fps)
+            self.jobs.finish(job, mp4, frames.shape[0])
+        except asyncio.CancelledError:
+            self.jobs.cancel(job)
+        except TimeoutError:
+            self.jobs.fail(job, f"time limit of {job.time_limit_s:g} s reached at step {job.step} of {job.total_steps}")
+        except Exception as error:  # the generator failed (out of memory, a lost replica): the job says so
             logger.exception("sampling failed")
-            raise RequestError(500, None, f"sampling failed: {type(error).__name__}; see the server's log") from None
-        mp4 = await asyncio.to_thread(encode_mp4, frames, job.config.save_fps)
-        headers = {"X-Sora-Seed": str(job.config.seed), "X-Sora-Frames": str(frames.shape[0])}
-        return Response(mp4, media_type="video/mp4", headers=headers)
+            self.jobs.fail(job, f"sampling failed: {type(error).__name__}; see the server's log")
+        finally:
+            self.tasks.pop(job.id, None)
+
+    async def _sample(self, job: Job, item, config: InferenceConfig):
+        """The frames of one job, its progress recorded step by step. While every generator's
+        queue is full the job stays queued and asks again."""
+        while True:
+            stream = self.generator.options(stream=True).stream.remote(item, config, config.seed)
+            try:
+                async for kind, value in stream:
+                    if kind == "started":
+                        self.jobs.start(job)
+                    elif kind == "step":
+                        done, _, clip = value
+                        self.jobs.progress(job, done, clip)
+                    else:
+                        return value
+            except BackPressureError:
+                await asyncio.sleep(BACKOFF_S)
+                continue
+            except asyncio.CancelledError:
+                stream.cancel()  # the replica stops at its next step
+                raise
+            raise RuntimeError("the generator's stream ended without a video")
+
+    def _cancel(self, job: Job) -> None:
+        task = self.tasks.get(job.id)
+        self.jobs.cancel(job)
+        if task is not None:
+            task.cancel()
+
+    def _job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise RequestError(
+                404, None, f"no job {job_id!r}: unknown, or finished more than {self.jobs.settings.keep_s:g} s "
+                f"ago (or one of more than {self.jobs.settings.max_kept} finished since)"
+            )  # fmt: skip
+        return job
+
+    async def _generate(self, request: Request) -> Response:
+        """POST /generate: a job, waited for. A client that goes away cancels it (Serve cancels
+        this handler when the connection closes)."""
+        job = await self._submit(request)
+        task = self.tasks.get(job.id)
+        try:
+            if task is not None:
+                await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._cancel(job)
+            raise
+        return self._video(job)
+
+    def _video(self, job: Job) -> Response:
+        if job.video is not None:
+            headers = {
+                "X-Sora-Seed": str(job.seed),
+                "X-Sora-Frames": str(job.frames),
+                "X-Sora-Job": job.id,
+                "Content-Disposition": f'inline; filename="sora-{job.seed}.mp4"',
+            }
+            return Response(job.video, media_type="video/mp4", headers=headers)
+        if job.error is not None and job.error.startswith("time limit"):
+            raise RequestError(504, "time_limit_s", f"job {job.id}: {job.error}")
+        if job.error is not None:
+            raise RequestError(500, None, f"job {job.id}: {job.error}")
+        raise RequestError(409, None, f"job {job.id} is {job.status.value}: no video")
+
+    async def _events(self, job: Job) -> AsyncIterator[str]:
+        """Server-sent events: the job's state at every change (one per diffusion step) until it ends."""
+        while True:
+            changed = job.changed  # taken before the state is read: no change is missed
+            yield f"data: {json.dumps(self.jobs.describe(job))}\n\n"
+            if job.status.finished:
+                return
+            while True:
+                try:
+                    await asyncio.wait_for(changed.wait(), KEEPALIVE_S)
+                    break
+                except TimeoutError:
+                    yield ": still waiting\n\n"  # a comment: keeps proxies from closing the stream
 
     @staticmethod
     def _prepare(job: GenerateRequest, max_pixels: int):
         with tempfile.TemporaryDirectory(prefix="sora-upload-") as folder:
-            paths = [save_upload(data, Path(folder), index) for index, data in enumerate(job.media)]
+            paths = [save_upload(data, Path(folder), index, max_pixels) for index, data in enumerate(job.media)]
             labels = [f"reference[{index}]" for index in range(len(paths))]
-            return prepare_item(job.prompt, paths, job.mask_strategy, job.config, labels, max_pixels=max_pixels)
+            return prepare_item(
+                job.prompt, paths, job.mask_strategy, job.config, labels, max_pixels=max_pixels, refuse_unused=True
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ descriptions
+
+    def _load(self) -> dict[str, Any]:
+        active = self.jobs.active()
+        running = sum(job.status.value == "running" for job in active)
+        return {"jobs": {"running": running, "queued": len(active) - running}, "receiving": self.pending}
 
     def _describe_model(self) -> dict[str, Any]:
         config = self.config
         return {
             "model": config.model.type,
-            "checkpoint": config.model.from_pretrained,
+            "checkpoint": public_path(config.model.from_pretrained),
             "scheduler": config.scheduler.type,
             "fps": config.save_fps,
         }
@@ -381,9 +660,10 @@ class SoraAPI:
             "condition_frame_length": config.condition_frame_length,
             "mask_strategy": None,
             "reference": [],
+            "time_limit_s": self.limits.max_time_limit_s,
         }
         return {
-            "routes": {"GET /health": "liveness and the model", "POST /generate": "JSON in, video/mp4 out"},
+            "routes": ROUTES,
             "fields": {"prompt": "required", **defaults},
             "mask_strategy": "';'-separated ref_index,loop_index,ref_start_frame,num_frames,target_location"
             "[,edit_ratio]; references are base64-encoded image or video files",
@@ -392,16 +672,40 @@ class SoraAPI:
         }
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+ROUTES = {
+    "GET /": "the web page",
+    "GET /api": "the request fields, their defaults and limits",
+    "GET /health": "liveness, the model and the load",
+    "POST /generate": "JSON in, video/mp4 out (waits; disconnecting cancels)",
+    "POST /jobs": "JSON in, 202 and the job: id, status, position",
+    "GET /jobs": "this server's recent jobs",
+    "GET /jobs/{id}": "status, step, total_steps, clip, elapsed_s, eta_s",
+    "GET /jobs/{id}/events": "server-sent events, one per diffusion step",
+    "GET /jobs/{id}/video": "the mp4 when done",
+    "DELETE /jobs/{id}": "cancel: a running job stops within one diffusion step",
+}
+
+
+def _allow(method: str, allowed: str | tuple[str, ...], path: str) -> None:
+    allowed = (allowed,) if isinstance(allowed, str) else allowed
+    if method not in allowed:
+        raise RequestError(405, None, f"use {' or '.join(allowed)} {path}")
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, None, f"the body has {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, None, f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, None, f"the body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, None, f"the body did not arrive within {timeout:g} s ({size} bytes came)") from None
     return b"".join(chunks)
 
 
@@ -418,12 +722,17 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     use_gpu = settings.use_gpu
     if use_gpu is None:
         use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
-    return make_app(config, settings.limits, {"num_gpus": 1} if use_gpu else {"num_cpus": settings.num_cpus})
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": settings.num_cpus}
+    return make_app(config, settings.limits, resources, jobs=settings.jobs)
 
 
 def make_app(
-    config: InferenceConfig, limits: ServeLimits, resources: Mapping[str, float], **generator_options: Any
+    config: InferenceConfig,
+    limits: ServeLimits,
+    resources: Mapping[str, float],
+    jobs: JobSettings | None = None,
+    **generator_options: Any,
 ) -> serve.Application:
     """The ingress bound to a generator deployment with `resources` per replica (and other options)."""
     generator = SoraGenerator.options(ray_actor_options=dict(resources), **generator_options).bind(config)
-    return SoraAPI.bind(generator, config, limits)
+    return SoraAPI.bind(generator, config, limits, jobs or JobSettings())

@@ -346,3 +346,31 @@ def test_stdit2_is_conditioned_on_open_soras_sampling_values(debug_models, tmp_p
         assert sizes["ar"].tolist() == pytest.approx([48 / 80] * 2)
         assert sizes["fps"].tolist() == [expected_fps] * 2
         assert sizes["num_frames"].tolist() == [float(num_frames)] * 2
+
+
+def test_progress_reports_every_step_of_every_clip_and_can_stop_sampling(debug_models, tmp_path):
+    from pipelines.sample import Sampler, prepare_item
+
+    settings = {"num_frames": 5, "image_size": (32, 32), "loop": 2, "condition_frame_length": 1,
+                "scheduler.num_sampling_steps": 3}  # fmt: skip
+    config = load_inference(tmp_path, debug_models, settings)
+    sampler = Sampler(config)
+    item = prepare_item("a red bar", [], None, config, [])
+    seen = []
+    sampler.generate([item], progress=seen.append)
+    assert [(p.clip, p.step, p.done, p.total) for p in seen] == [
+        (1, 1, 1, 6), (1, 2, 2, 6), (1, 3, 3, 6), (2, 1, 4, 6), (2, 2, 5, 6), (2, 3, 6, 6)
+    ]  # fmt: skip
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(progress) -> None:
+        if progress.done == 2:
+            raise Stop  # what serving does for a cancelled request
+
+    calls = []
+    sampler.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(Stop):
+        sampler.generate([item], progress=stop_after_two)
+    assert len(calls) == 2, "no model call after the step that raised"

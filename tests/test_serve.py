@@ -131,13 +131,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+BODY_TIMEOUT_S = 3  # the test server's: a stalled upload is refused after this long
+MAX_ACTIVE = 4  # the test server's jobs waiting or running at once
+
+
 def serve_yaml(folder: Path, models: dict[str, Path], port: int) -> Path:
-    """configs/serve.yaml pointed at the test's models and port, with room for 2 requests: 1 taken, 1 waiting."""
+    """configs/serve.yaml pointed at the test's models and port, with room for 4 jobs (1 sampling, 1 waiting
+    in the generator's queue, 2 in the ingress) and a short body timeout."""
     raw = yaml.safe_load(SERVE_YAML.read_text())
     raw["http_options"]["port"] = port
     app = raw["applications"][0]
     app["args"]["config"] = str(inference_config(folder, models))
     app["args"]["ckpt_path"] = None  # the debug model's initial weights: sampling works the same
+    app["args"]["limits"]["body_timeout_s"] = BODY_TIMEOUT_S
+    app["args"]["jobs"] = {"max_active": MAX_ACTIVE}
     for deployment in app["deployments"]:
         if deployment["name"] == "SoraGenerator":
             deployment["max_ongoing_requests"] = deployment["max_queued_requests"] = 1
@@ -221,9 +228,18 @@ def test_health_and_description(server):
     with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok" and health["model"] == "debug"
-    with urllib.request.urlopen(url, timeout=10) as response:
+    assert health["checkpoint"] is None and health["jobs"] == {"running": 0, "queued": 0}
+    with urllib.request.urlopen(f"{url}/api", timeout=10) as response:
         description = json.loads(response.read())
     assert description["fields"]["num_frames"] == 8 and description["limits"]["max_num_frames"] == 32
+    assert description["fields"]["time_limit_s"] == 600 and "POST /jobs" in description["routes"]
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["content-type"].startswith("text/html")
+        page = response.read().decode()
+    assert "static/app.js" in page and "static/style.css" in page
+    for name in ("app.js", "style.css"):
+        with urllib.request.urlopen(f"{url}/static/{name}", timeout=10) as response:
+            assert response.status == 200 and len(response.read()) > 100
 
 
 def test_generate_returns_a_decodable_mp4_reproducible_by_seed(server):
@@ -360,7 +376,7 @@ def test_health_answers_while_a_video_is_sampled(server):
 
 
 def test_overload_gets_503_then_recovers(server):
-    """One request samples, one waits (the test yaml's limits); the rest get 503."""
+    """Four jobs are taken (the test yaml's jobs.max_active), the rest get a JSON 503 with Retry-After."""
     url, _ = server
     slow = {"prompt": "busy", "num_frames": 8, "image_size": [64, 64], "num_sampling_steps": 60}
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -373,3 +389,455 @@ def test_overload_gets_503_then_recovers(server):
     with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
         assert response.status == 200
     assert post(url, TINY)[0] == 200
+
+
+# --------------------------------------------------------------------------- jobs: progress, cancelling, time limits
+
+SLOW = {"prompt": "slow", "num_frames": 8, "image_size": [144, 256], "num_sampling_steps": 100, "loop": 4,
+        "condition_frame_length": 1}  # 400 steps, tens of seconds on 2 cores  # fmt: skip
+
+
+def call(url: str, method: str, path: str, body: bytes | dict | None = None, timeout: float = 60):
+    """(status, headers with lower-case names, body bytes) of one request."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, headers, answer = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, headers, answer = error.code, error.headers, error.read()
+    return status, {key.lower(): value for key, value in headers.items()}, answer
+
+
+def submit(url: str, body: dict) -> dict:
+    status, headers, answer = call(url, "POST", "/jobs", body)
+    assert status == 202, answer[:300]
+    job = json.loads(answer)
+    assert headers["location"] == f"jobs/{job['id']}"
+    return job
+
+
+def job_state(url: str, job_id: str) -> dict:
+    status, _, answer = call(url, "GET", f"/jobs/{job_id}")
+    assert status == 200, answer[:300]
+    return json.loads(answer)
+
+
+def wait_for(url: str, job_id: str, done, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(url, job_id)
+        if done(state):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id}: still {state} after {timeout} s")
+
+
+def read_events(url: str, job_id: str, timeout: float = 120) -> list[dict]:
+    """Every server-sent event of a job, to the end of the stream."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    connection.request("GET", f"/jobs/{job_id}/events")
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = []
+    for line in response:
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[len(b"data: ") :]))
+    connection.close()
+    return events
+
+
+def test_a_job_streams_one_event_per_step_and_serves_its_video(server):
+    url, folder = server
+    request = {"prompt": "a red circle moves left", "num_frames": 5, "image_size": [64, 96], "seed": 11,
+               "num_sampling_steps": 6, "loop": 2, "condition_frame_length": 1}  # fmt: skip
+    first = submit(url, {"prompt": "ahead", "num_frames": 8, "image_size": [144, 256], "num_sampling_steps": 30})
+    job = submit(url, request)  # queued behind the first: its stream is open before its first step
+    assert job["status"] == "queued" and job["position"] == 1
+    assert job["total_steps"] == 12 and job["loops"] == 2
+    events = read_events(url, job["id"])
+    assert events[0]["status"] == "queued" and job_state(url, first["id"])["status"] == "done"
+    steps = [event["step"] for event in events if event["status"] == "running" and event["step"] > 0]
+    assert steps == list(range(1, 13)), f"one event per diffusion step, in order: {steps}"
+    assert [event["clip"] for event in events if event["step"] in (6, 7)] == [1, 2]
+    assert events[-1]["status"] == "done" and events[-1]["eta_s"] is None and events[-1]["frames"] == 9
+    running = [event for event in events if event["status"] == "running" and event["step"] > 0]
+    assert all(event["eta_s"] is not None and event["eta_s"] >= 0 for event in running)
+    status, headers, video = call(url, "GET", f"/jobs/{job['id']}/video")
+    assert status == 200 and headers["content-type"] == "video/mp4"
+    frames = mp4_frames(video, folder)
+    assert frames.shape == (9, 64, 96, 3)
+    # The same request through POST /generate gives the same video.
+    _, _, direct = post(url, request)
+    assert np.abs(mp4_frames(direct, folder).astype(int) - frames).mean() < 0.5
+    assert json.loads(call(url, "GET", "/jobs/nope")[2])["error"].startswith("no job 'nope'")
+
+
+def test_cancelling_a_running_job_stops_it_within_a_step_and_frees_the_replica(server):
+    url, _ = server
+    job = submit(url, SLOW)
+    running = wait_for(url, job["id"], lambda state: state["step"] >= 2)
+    status, _, answer = call(url, "DELETE", f"/jobs/{job['id']}")
+    assert status == 200 and json.loads(answer)["status"] == "cancelled"
+    start = time.monotonic()
+    quick = submit(url, TINY)
+    wait_for(url, quick["id"], lambda state: state["status"] == "done", timeout=60)
+    freed_after = time.monotonic() - start
+    cancelled = job_state(url, job["id"])
+    assert cancelled["status"] == "cancelled" and cancelled["step"] < cancelled["total_steps"]
+    seconds_per_step = running["elapsed_s"] / running["step"]
+    # The replica took the next job long before the cancelled one's remaining steps would have run.
+    assert freed_after < 0.25 * seconds_per_step * (cancelled["total_steps"] - cancelled["step"]), freed_after
+    status, _, answer = call(url, "GET", f"/jobs/{job['id']}/video")
+    assert status == 409 and "cancelled" in json.loads(answer)["error"]
+
+
+def test_a_client_that_disconnects_from_generate_cancels_its_job(server):
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(SLOW | {"prompt": "abandoned"}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+
+    def abandoned() -> dict | None:
+        jobs = json.loads(call(url, "GET", "/jobs")[2])["jobs"]
+        return next((job for job in jobs if job["prompt"] == "abandoned"), None)
+
+    deadline = time.monotonic() + 60
+    while (job := abandoned()) is None or job["step"] < 1:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+    sock.close()
+    state = wait_for(url, job["id"], lambda state: state["status"] != "running", timeout=30)
+    assert state["status"] == "cancelled" and state["step"] < state["total_steps"]
+
+
+def test_a_time_limit_ends_a_job(server):
+    url, _ = server
+    status, _, answer = post(url, SLOW | {"time_limit_s": 1})
+    assert status == 504 and json.loads(answer)["field"] == "time_limit_s"
+    assert "time limit of 1 s reached" in json.loads(answer)["error"]
+    job = submit(url, SLOW | {"time_limit_s": 1.5})
+    state = wait_for(url, job["id"], lambda state: state["status"] != "queued" and state["status"] != "running")
+    assert state["status"] == "failed" and state["error"].startswith("time limit of 1.5 s reached")
+    status, _, answer = call(url, "POST", "/jobs", TINY | {"time_limit_s": 10**6})
+    assert status == 400 and json.loads(answer)["field"] == "time_limit_s"
+
+
+# --------------------------------------------------------------------------- faults found under load
+
+
+def stalled_connection(url: str) -> socket.socket:
+    """A POST whose headers promise a body that never comes."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST /jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 1000\r\n\r\n{{\"prompt\": ".encode())  # fmt: skip
+    return sock
+
+
+def test_health_answers_at_once_with_stalled_uploads_and_a_full_queue(server):
+    url, _ = server
+    stalled = [stalled_connection(url) for _ in range(32)]
+    try:
+        jobs = []
+        while len(jobs) < MAX_ACTIVE:  # fill the queue: the next job is refused
+            status, headers, answer = call(url, "POST", "/jobs", SLOW)
+            if status == 202:
+                jobs.append(json.loads(answer)["id"])
+            else:
+                assert status == 503 and headers["retry-after"] == "5", answer[:300]
+                time.sleep(0.2)  # a job of an earlier test still ending
+        status, headers, answer = call(url, "POST", "/jobs", TINY)
+        assert status == 503 and headers["retry-after"] == "5" and json.loads(answer)["error"].startswith("busy")
+        times = []
+        for _ in range(5):
+            start = time.monotonic()
+            status, _, answer = call(url, "GET", "/health", timeout=10)
+            times.append(time.monotonic() - start)
+            assert status == 200
+        assert json.loads(answer)["jobs"]["running"] + json.loads(answer)["jobs"]["queued"] == MAX_ACTIVE
+        assert sorted(times)[len(times) // 2] < 0.1, times  # the median of 5: under 100 ms
+        # A stalled upload is answered 408 once the body timeout passes.
+        response = http.client.HTTPResponse(stalled[0])
+        response.begin()
+        assert response.status == 408 and "did not arrive within 3 s" in json.loads(response.read())["error"]
+    finally:
+        for sock in stalled:
+            sock.close()
+        for job_id in jobs:
+            call(url, "DELETE", f"/jobs/{job_id}")
+
+
+def test_a_burst_gets_only_accepted_jobs_or_json_503s(server):
+    url, _ = server
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: call(url, "POST", "/jobs", SLOW, timeout=120), range(60)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {202, 503} and statuses.count(503) >= 60 - MAX_ACTIVE, statuses
+    for status, headers, answer in results:
+        if status == 503:
+            assert headers["content-type"] == "application/json" and headers["retry-after"] == "5"
+            assert json.loads(answer)["error"].startswith("busy")
+        else:
+            call(url, "DELETE", f"/jobs/{json.loads(answer)['id']}")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (its data ends at once)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        (
+            {"prompt": "a", "mask_strategy": "0,0,0,1,0", "reference": [b64(png_claiming(20000, 20000))]},
+            "reference[0]",
+            "reference[0]: the image claims 400000000 pixels; the limit is 16777216",
+        ),
+        (
+            {"prompt": "a", "mask_strategy": "0,0,0,1,0", "reference": [b64(png_claiming(100000, 100000))]},
+            "reference[0]",
+            "the image claims 10000000000 pixels",
+        ),
+        (
+            {"prompt": "a", "mask_strategy": "0,0,0,1,0", "reference": [b64(png_claiming(5000, 4000))]},
+            "reference[0]",
+            "reference[0]: 4000x5000 pixels; the limit is 16777216",
+        ),
+        (
+            {"prompt": "a", "mask_strategy": "0,0,0,1,0", "reference": [b64(b"\x00\x01garbage" * 50)]},
+            "reference[0]",
+            "reference[0]:",
+        ),
+        (b'{"prompt": "a lone \\ud800 surrogate"}', "prompt", "prompt: not valid text: a lone surrogate U+D800"),
+        (b'{"prompt": "\\udfff"}', "prompt", "a lone surrogate U+DFFF at character 0"),
+    ],
+    ids=["bomb-20000", "bomb-100000", "too-large", "undecodable", "surrogate", "low-surrogate"],
+)
+def test_media_and_text_that_cannot_be_decoded_are_400s_naming_the_field(server, body, field, message):
+    url, _ = server
+    status, _, answer = post(url, body)
+    assert status == 400, answer[:300]
+    error = json.loads(answer)
+    assert error["field"] == field and message in error["error"], error
+
+
+def test_a_reference_no_tuple_uses_is_refused_over_http(server):
+    url, folder = server
+    image, _ = reference_media(folder)
+    request = TINY | {"mask_strategy": "0,0,0,1,0", "reference": [b64(image.read_bytes())] * 2}
+    status, _, answer = post(url, request)
+    assert status == 400 and json.loads(answer) == {
+        "error": "reference[1]: no mask_strategy tuple uses it; name it in a tuple or leave it out",
+        "field": "reference[1]",
+    }
+    status, _, answer = post(url, TINY | {"reference": [b64(image.read_bytes())]})  # no tuple at all
+    assert status == 400 and json.loads(answer)["field"] == "reference[0]"
+
+
+def malformed_requests() -> list[tuple[str, str, bytes | None]]:
+    """(method, path, body): at least 200 requests the server must refuse with a 4xx, and go on serving."""
+    cases: list[tuple[str, str, bytes | None]] = []
+    for body in [b"", b"{", b"[", b"null", b"1", b'"x"', b"{}", b"[]", b"\xff\xfe\x00", b"{" * 5000, b"[" * 100000,
+                 b'{"prompt": NaN}', b'{"prompt": Infinity}', b'{"prompt": "a",}', b"{'prompt': 'a'}",
+                 b'{"prompt": "a"} trailing', b'\xef\xbb\xbf{"prompt": 1}', b'{"prompt": "\\ud800\\u0041"}',
+                 b'{"prompt": "a", "prompt": 5}', b'{"prompt": "' + b"x" * 5000 + b'"}']:  # fmt: skip
+        cases.append(("POST", "/generate", body))
+        cases.append(("POST", "/jobs", body))
+    bad_values = [None, True, "7", [], {}, -1, 1e308, 10**30, "", 1.5, [1, 2, 3], {"a": 1}]
+    for field in ("num_frames", "image_size", "seed", "num_sampling_steps", "cfg_scale", "loop",
+                  "condition_frame_length", "mask_strategy", "reference", "time_limit_s"):  # fmt: skip
+        for value in bad_values:
+            if field in ("mask_strategy", "reference") and value in (None, "", [], {}):
+                continue  # an empty strategy or reference list is valid
+            if field == "reference" and value in ("7",):
+                value = "7 is not base64!"
+            if field in ("cfg_scale", "time_limit_s") and value == 1.5:
+                value = -1.5  # a fraction is a valid guidance scale and time limit
+            cases.append(("POST", "/jobs", json.dumps({"prompt": "a", field: value}).encode()))
+    for strategy in ["a,b", "0,0,0,1,0,2", "0;;x", "-1,0,0,1,0", "0,0,0,0,0", "0,0,0,1,0,1.5", "9,0,0,1,0",
+                     "0,0,0,1,99", "0,9,0,1,0", "0,0,5,1,0", "0,0,0,1,0;0,0,0,1,0", "１,0,0,1,0", "0,0,0,1,0\n1",
+                     "0" * 3000, ";", "0,0,0,1,0,", " , , , , "]:  # fmt: skip
+        cases.append(("POST", "/jobs", json.dumps({"prompt": "a", "mask_strategy": strategy,
+                                                   "reference": [b64(png_claiming(8, 8))]}).encode()))  # fmt: skip
+    for reference in [
+        "/etc/passwd",
+        "../x.png",
+        "file:///etc/passwd",
+        "http://127.0.0.1/x.png",
+        "~/a.jpg",
+        "C:\\a.png",
+        "====",
+        "YQ",
+        "\u00e9\u00e9",
+        b64(b"GIF89a" + b"\x00" * 20),
+        b64(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 40),
+        b64(png_claiming(0, 0)),
+        b64(png_claiming(2**31 - 1, 2**31 - 1)),
+        b64(png_claiming(30000, 1)),
+        b64(b"RIFF0000WEBPVP8 "),
+    ]:
+        cases.append(("POST", "/generate", json.dumps({"prompt": "a", "mask_strategy": "0,0,0,1,0",
+                                                       "reference": [reference]}).encode()))  # fmt: skip
+    for prompt in ["", " ", "\t\n", "x" * 2001, "\ud800", "a\udc00b", 5, None, ["a"], {"text": "a"}]:
+        try:
+            body = json.dumps({"prompt": prompt}).encode()
+        except UnicodeEncodeError:
+            body = json.dumps({"prompt": prompt}, ensure_ascii=True).encode()
+        cases.append(("POST", "/generate", body))
+    for name in ["promt", "Prompt", "steps", "num_frame", "cfg", "ref", "", "__class__", "a" * 300, "seed "]:
+        cases.append(("POST", "/jobs", json.dumps({"prompt": "a", name: 1}).encode()))
+    for method, path in [("GET", "/generate"), ("PUT", "/generate"), ("DELETE", "/generate"), ("PUT", "/jobs"),
+                         ("DELETE", "/jobs"), ("POST", "/health"), ("DELETE", "/health"), ("POST", "/"),
+                         ("PUT", "/api"), ("POST", "/api"), ("GET", "/static/../serve.py"), ("GET", "/static/"),
+                         ("GET", "/static/x.js"), ("GET", "/static/app.js/x"), ("POST", "/static/app.js"),
+                         ("GET", "/jobs/unknown"), ("DELETE", "/jobs/unknown"), ("GET", "/jobs/unknown/video"),
+                         ("GET", "/jobs/unknown/events"), ("GET", "/jobs/a/b/c"), ("POST", "/jobs/unknown"),
+                         ("GET", "/../../etc/passwd"), ("GET", "/etc/passwd"), ("GET", "/%2e%2e/%2e%2e/x"),
+                         ("GET", "/index.html"), ("GET", "/jobs/%00"), ("PATCH", "/jobs"), ("GET", "/health/x"),
+                         ("GET", "/api/x"), ("OPTIONS", "/generate")]:  # fmt: skip
+        cases.append((method, path, None))
+    return cases
+
+
+def raw_request(url: str, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    answer = response.read()
+    connection.close()
+    return response.status, answer
+
+
+def test_a_corpus_of_malformed_requests_gets_no_5xx_and_no_server_path(server):
+    url, folder = server
+    cases = malformed_requests()
+    assert len(cases) >= 200
+    private = [str(folder), str(ROOT), os.path.expanduser("~"), "/tmp/", sys.prefix]
+    failures = []
+    for method, path, body in cases:
+        status, answer = raw_request(url, method, path, body)
+        text = answer.decode("utf-8", "replace")
+        if not 400 <= status < 500 or any(root in text for root in private):
+            failures.append((method, path, (body or b"")[:80], status, text[:200]))
+        else:
+            json.loads(answer)  # every refusal is JSON
+    assert not failures, failures
+    for path in ("/health", "/api", "/jobs"):
+        assert not any(root in call(url, "GET", path)[2].decode() for root in private), path
+    assert post(url, TINY)[0] == 200  # still serving
+
+
+# --------------------------------------------------------------------------- the web page, in a real browser
+
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots of the page; CI keeps the folder
+
+
+def chromium_driver():
+    """Headless Chromium driven by Selenium, with Debian's chromium and chromium-driver; skips,
+    saying how to get them, where they are not installed."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("no Chromium here: `apt-get install chromium chromium-driver` (.ci/run does) runs the browser test")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the [dev] extra: make setup")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a driver on the internet
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1100", "--autoplay-policy=no-user-gesture-required"):  # fmt: skip
+        options.add_argument(argument)
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+
+
+def test_the_web_page_generates_shows_progress_plays_uploads_and_cancels(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, folder = server
+    driver = chromium_driver()
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        wait = WebDriverWait(driver, 120, poll_frequency=0.02)
+        driver.get(url + "/")
+        wait.until(lambda d: "debug" in d.find_element(By.ID, "model-info").text)
+        assert driver.find_element(By.ID, "num_frames").get_attribute("value") == "8"  # the server's default
+
+        def fill(**fields) -> None:
+            for name, value in fields.items():
+                element = driver.find_element(By.ID, name)
+                element.clear()
+                element.send_keys(str(value))
+
+        def progress() -> tuple[float, float]:
+            bar = driver.find_element(By.ID, "progress")
+            return float(bar.get_attribute("value")), float(bar.get_attribute("max"))
+
+        # Generate: the progress bar moves step by step, then the video plays.
+        fill(prompt="a red circle moves left on a blue background", seed=5, num_frames=8, height=144, width=256,
+             num_sampling_steps=60)  # fmt: skip
+        driver.find_element(By.ID, "generate").click()
+        seen = set()
+        wait.until(lambda d: seen.add(progress()[0]) or "done" in d.find_element(By.ID, "status").text)
+        advancing = sorted(value for value in seen if 0 < value < 60)
+        assert len(advancing) >= 3, f"the bar showed {sorted(seen)}"
+        playable = "const v = document.getElementById('result-video'); return [v.readyState, v.duration];"
+        wait.until(lambda d: d.execute_script(playable)[0] >= 2)
+        ready, duration = driver.execute_script(playable)
+        assert ready >= 2 and duration > 0
+        assert driver.find_element(By.ID, "download").get_attribute("href")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#gallery .gallery-item")) >= 1
+        driver.save_screenshot(str(ARTIFACTS / "web-page-done.png"))
+
+        # A reference image by the file picker: previewed, then used by the mask strategy.
+        image, _ = reference_media(folder)
+        driver.find_element(By.ID, "reference").send_keys(str(image))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#reference-preview img"))
+        fill(num_frames=5, height=64, width=64, num_sampling_steps=4, mask_strategy="0,0,0,1,0")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "done" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .gallery-item")) >= 2)
+
+        # Cancel a running job: the page says so, and the server's job is cancelled.
+        for remove in driver.find_elements(By.CSS_SELECTOR, "#reference-preview button"):
+            remove.click()
+        fill(mask_strategy=" ", num_frames=8, height=144, width=256, num_sampling_steps=100, loop=4,
+             condition_frame_length=1)  # fmt: skip
+        driver.find_element(By.ID, "mask_strategy").clear()
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: progress()[0] >= 2)
+        driver.find_element(By.ID, "cancel").click()
+        wait.until(lambda d: "cancelled" in d.find_element(By.ID, "status").text)
+        jobs = json.loads(call(url, "GET", "/jobs")[2])["jobs"]
+        assert jobs[0]["status"] == "cancelled" and jobs[0]["total_steps"] == 400
+        driver.set_window_size(1280, 1700)  # the whole page: form, cancelled job and gallery
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(str(ARTIFACTS / "web-page.png"))
+    except Exception:
+        driver.save_screenshot(str(ARTIFACTS / "web-page-failed.png"))
+        print("status:", driver.find_element(By.ID, "status").text, "error:", driver.find_element(By.ID, "error").text)
+        raise
+    finally:
+        driver.quit()

@@ -22,6 +22,7 @@ import torch
 from sora_model.diffusion.dpm_solver import DPMSolver
 from sora_model.diffusion.gaussian import GaussianDiffusion, ModelFn, VarianceType, space_timesteps
 from sora_model.diffusion.guidance import classifier_free_guidance
+from sora_model.diffusion.progress import StepCallback
 from sora_model.diffusion.rflow import RFlow, timestep_transform
 
 __all__ = [
@@ -93,7 +94,7 @@ class IDDPM:
         reference: torch.Tensor | None = None,
         edit: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        progress: bool = False,
+        progress: bool | StepCallback = False,
         sizes=None,
     ) -> torch.Tensor:
         """Sample with guidance; `model` takes the doubled batch [conditional; unconditional]."""
@@ -150,7 +151,7 @@ class DPMSolverSampler:
         reference: torch.Tensor | None = None,
         edit: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        progress: bool = False,
+        progress: bool | StepCallback = False,
         sizes=None,
     ) -> torch.Tensor:
         if edit is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sora_model.diffusion.gaussian import ModelFn, linear_betas
+from sora_model.diffusion.progress import StepCallback, sampling_steps
 
 
 class DPMSolver:
@@ -39,7 +39,7 @@ class DPMSolver:
         return np.linspace(1.0, 1.0 / self.num_timesteps, self.steps + 1)
 
     @torch.no_grad()
-    def sample(self, model: ModelFn, noise: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    def sample(self, model: ModelFn, noise: torch.Tensor, progress: bool | StepCallback = False) -> torch.Tensor:
         """Solve from `noise` (B, C, T, H, W) at t = 1 to data. `model` returns epsilon first."""
         channels = noise.shape[1]
         times = self.timesteps()
@@ -55,7 +55,7 @@ class DPMSolver:
             return (x - sigma * eps) / alpha
 
         x0 = data_prediction(x, times[0])
-        for i in tqdm(range(1, len(times)), desc="sampling", disable=not progress, leave=False):
+        for i in sampling_steps(range(1, len(times)), progress):
             _alpha_prev, sigma_prev, lambda_prev = self.alpha_sigma_lambda(times[i - 1])
             alpha, sigma, lambda_ = self.alpha_sigma_lambda(times[i])
             h = lambda_ - lambda_prev

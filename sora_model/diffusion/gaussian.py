@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from sora_model.diffusion.progress import StepCallback, sampling_steps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """model(x_t (B, C, T, H, W), timesteps (B,), x_mask (B, T) or None) -> (B, 2C, T, H, W) or (B, C, ...)."""
@@ -246,7 +247,7 @@ class GaussianDiffusion:
         reference: torch.Tensor | None = None,
         edit: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        progress: bool = False,
+        progress: bool | StepCallback = False,
     ) -> torch.Tensor:
         """Ancestral sampling from `noise` (B, C, T, H, W).
 
@@ -261,7 +262,7 @@ class GaussianDiffusion:
         # not become 52: a tolerance far above float32's error (steps x 6e-8) and far below one step.
         start = None if edit is None else (edit.double() * steps + 1e-4).floor().long()
         x = noise if start is None else torch.where(frames(start >= steps), noise, reference)
-        for i in tqdm(range(steps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
+        for i in sampling_steps(range(steps - 1, -1, -1), progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             active = None
             if start is not None:

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 from sora_model.diffusion.gaussian import ModelFn, mean_flat
 from sora_model.diffusion.guidance import classifier_free_guidance
+from sora_model.diffusion.progress import StepCallback, sampling_steps
 
 SAMPLE_METHODS = ("uniform", "logit-normal")
 # The timestep transform's reference: 512x512 pixels, one frame (Open-Sora 1.2).
@@ -131,7 +131,7 @@ class RFlow:
         reference: torch.Tensor | None = None,
         edit: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        progress: bool = False,
+        progress: bool | StepCallback = False,
         sizes: Sequence | None = None,
     ) -> torch.Tensor:
         """Euler sampling from `noise` (B, C, T, H, W); `model` takes the doubled batch
@@ -146,7 +146,7 @@ class RFlow:
         x = noise if reference is None else torch.where(edit[:, None, :, None, None] >= 1, noise, reference)
         times = self.sampling_times(x.shape[0], x.device, sizes)
         started = None if edit is None else edit >= 1  # (B, T) frames already being generated
-        for i, t in enumerate(tqdm(times, desc="sampling", disable=not progress, leave=False)):
+        for i, t in enumerate(sampling_steps(times, progress)):
             active = None
             if edit is not None:
                 active = edit * self.num_timesteps >= t[:, None]  # (B, T)
