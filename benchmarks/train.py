@@ -114,7 +114,7 @@ def timed_steps(engine, diffusion, model_type: str, batches, steps: int, warmup:
         started = time.perf_counter()
         wait, batch = next(batches)
         batch = {name: tensor.to(engine.device, non_blocking=True) for name, tensor in batch.items()}
-        metrics = train_step(engine, diffusion, batch, model_type, StepKey(0, 0, step, 0))
+        metrics = train_step(engine, diffusion, batch, model_type, StepKey(0, 0, step))
         float(metrics["loss"])  # wait for the device
         if step >= warmup:
             total += time.perf_counter() - started

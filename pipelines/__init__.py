@@ -20,6 +20,7 @@ training (Ray Train + DeepSpeed) and serving (Ray Serve).
     batch_search.py   `sora search-batch-size`: the largest batch per bucket that fits, trial processes
     preview.py        training previews: sampled from a checkpoint's EMA weights beside training
     cluster.py        joining (or starting) a Ray cluster: one policy for every command
+    reaper.py         the watcher that stops a command's local Ray instance when the command ends
     sample.py         `sora sample`: prompts and references checked, the Sampler, long video
     serve.py          the Ray Serve application (configs/serve.yaml): the page, the API, the jobs
     jobs.py           serving jobs' bookkeeping: states, progress, time left, how long they are kept

@@ -368,7 +368,7 @@ def run_trial(request: _Request) -> dict:
         try:
             for step in range(1 + request.steps):  # the first step warms up (allocations, kernels)
                 started = time.perf_counter()
-                train_step(engine, diffusion, batch, config.model.type, StepKey(config.seed, 0, step, 0))
+                train_step(engine, diffusion, batch, config.model.type, StepKey(config.seed, 0, step))
                 update_ema(ema, engine.module, config.ema_decay)
                 if plan.use_gpu:
                     torch.cuda.synchronize()

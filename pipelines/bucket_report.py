@@ -31,13 +31,18 @@ from pipelines.probe import ProbeError, probe
 def report_from_table(table_path: str | Path, config: TrainConfig, progress: bool = True) -> Report:
     """Assign every row of a CSV/Parquet table; rows without metadata columns are probed."""
     table = read_table(table_path)
-    paths = table["path"].astype(str).tolist()
-    texts = table["text"].fillna("").astype(str).tolist()
+    paths, texts = table["path"].tolist(), table["text"].tolist()
     metadata, has_size = read_metadata(table)
     known = np.array(has_size, dtype=bool)  # grows as files are probed
     frames, heights, widths = np.array(metadata[list(SIZE_COLUMNS)].fillna(0), dtype=np.int64).T
 
     rejected: dict[str, list[str]] = {}
+    for row, (path, text) in enumerate(zip(paths, texts, strict=True)):  # as preprocess validates them
+        reason = "empty path" if not path.strip() else "empty caption" if not text.strip() else None
+        if reason is not None:
+            rejected.setdefault(reason, []).append(path or f"row {row}")
+            known[row] = True  # settled: not probed
+    usable = np.array([bool(path.strip()) and bool(text.strip()) for path, text in zip(paths, texts, strict=True)])
     unknown = np.flatnonzero(~known)
     if len(unknown):
         files = resolve_paths(table["path"].iloc[unknown].astype(str), table_path, config.root)
@@ -50,7 +55,13 @@ def report_from_table(table_path: str | Path, config: TrainConfig, progress: boo
             frames[row], heights[row], widths[row] = found.num_frames, found.height, found.width
             known[row] = True
 
-    rows = np.flatnonzero(known)
+    limit = config.preprocess.max_pixels_per_frame  # as preprocess rejects them, before decoding
+    large = known & usable & (heights.astype(np.int64) * widths.astype(np.int64) > limit)
+    for row in np.flatnonzero(large):
+        rejected.setdefault(f"too large: over {limit} pixels per frame (preprocess.max_pixels_per_frame)", []).append(
+            paths[row]
+        )
+    rows = np.flatnonzero(known & usable & ~large)
     keys = sample_keys(sample_id(paths[row], texts[row]) for row in rows)
     assignments = assign_buckets(config.buckets, frames[rows], heights[rows], widths[rows], keys, config.seed)
     return build_report(assignments, [paths[row] for row in rows], rejected)

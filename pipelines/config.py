@@ -161,6 +161,8 @@ class PreprocessConfig:
     vae: StageResources = StageResources()
     text: StageResources = StageResources(batch_size=16)
     rows_per_shard: int = field(default=256, metadata=_at_least(1))
+    # Frames larger than this are rejected from their probed size, before decoding (8K UHD fits).
+    max_pixels_per_frame: int = field(default=7680 * 4320, metadata=_at_least(1))
 
 
 # --------------------------------------------------------------------------- configs
@@ -217,6 +219,9 @@ class TrainConfig:
     cache_frames_factor: float = field(default=2.0, metadata=_at_least(1.0))
     ema_decay: float = field(default=0.9999, metadata=_between(0.0, 1.0))
     max_failures: int = field(default=1, metadata=_at_least(0))
+    # Each worker writes <experiment>/batches-rank<R>.jsonl: the global batch it trains at each
+    # step (which samples, in which order: for audits, and the resume tests).
+    record_batches: bool = False
     # Held out of training, chosen by sample id (the same samples in every run and resume), and
     # evaluated every `eval_every` steps (None: at each checkpoint) at fixed timesteps and noise.
     eval_fraction: float = field(default=0.0, metadata=_between(0.0, 0.9))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import operator
 import types
 import typing
@@ -241,6 +242,29 @@ _BINARY_OPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Pow: operator.pow,
 }
 _UNARY_OPS: dict[type, Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+# Config values are small: a number of more bits or a sequence of more items than this is a
+# mistake (or `9**9**9`, which would take hours), refused before it is computed.
+MAX_INT_BITS = 4096
+MAX_ITEMS = 1_000_000
+
+
+def _too_large(op: ast.operator, left: Any, right: Any) -> str | None:
+    """Why `left op right` would be too large to compute, or None."""
+    whole = (int,)
+    if isinstance(op, ast.Pow) and isinstance(left, whole) and isinstance(right, whole) and abs(left) > 1:
+        bits = right * math.log2(abs(left)) if right > 0 else 0
+        if bits > MAX_INT_BITS:
+            return f"about {bits:.3g} bits; the limit is {MAX_INT_BITS}"
+    if not isinstance(op, ast.Mult):
+        return None
+    for sequence, count in ((left, right), (right, left)):
+        sized = isinstance(sequence, str | list | tuple) and isinstance(count, whole)
+        if sized and len(sequence) * count > MAX_ITEMS:
+            return f"{len(sequence) * count} items; the limit is {MAX_ITEMS}"
+    bits = left.bit_length() + right.bit_length() if isinstance(left, whole) and isinstance(right, whole) else 0
+    if bits > MAX_INT_BITS:
+        return f"about {bits} bits; the limit is {MAX_INT_BITS}"
+    return None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -296,7 +320,10 @@ def _evaluate(node: ast.expr, names: Mapping[str, Any], where: str) -> Any:
                 return names[node.id]
             raise ConfigError(f"{where}: name `{node.id}` is not defined above in this file")
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-            return _BINARY_OPS[type(node.op)](walk(node.left), walk(node.right))
+            left, right = walk(node.left), walk(node.right)
+            if (too_large := _too_large(node.op, left, right)) is not None:
+                raise ConfigError(f"{where}: `{ast.unparse(node)}` is too large for a config value: {too_large}")
+            return _BINARY_OPS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
             return _UNARY_OPS[type(node.op)](walk(node.operand))
         if (

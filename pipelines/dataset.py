@@ -35,6 +35,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
             f"{path}: missing required column {', '.join(repr(c) for c in missing)} "
             f"(found: {', '.join(map(str, table.columns))})"
         )
+    for column in REQUIRED_COLUMNS:  # text, whatever a Parquet writer stored: a null is "" (rejected as empty)
+        values = table[column]
+        table[column] = values.astype(object).where(values.notna(), "").map(str)
     return table
 
 
@@ -54,7 +57,8 @@ def read_metadata(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
     """The table's metadata columns as numbers, and which rows have a usable size.
 
     num_frames, height and width become integers, rounded (a tool that wrote 719.9999 meant
-    720); blanks, junk, infinities and absurd values become missing, and such rows are probed. fps stays a float.
+    720); blanks, junk, infinities, zero or negative and absurd values become missing, and such
+    rows are probed. fps stays a float.
     Absent columns are all missing. `sora preprocess` and `sora bucket-report` both read
     the table through here, so they agree on every row's bucket.
     """
@@ -62,7 +66,7 @@ def read_metadata(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
     for name in METADATA_COLUMNS:
         raw = table[name] if name in table.columns else pd.Series(None, index=table.index, dtype=object)
         values = pd.to_numeric(raw, errors="coerce").astype("float64")
-        values = values.where(values.abs() < 2**31)  # infinities and absurd values: missing
+        values = values.where((values > 0) & (values < 2**31))  # infinities, absurd and negative values: missing
         columns[name] = values if name == "fps" else values.round().astype("Int64")
     metadata = pd.DataFrame(columns, index=table.index)
     return metadata, metadata[list(SIZE_COLUMNS)].notna().all(axis=1)

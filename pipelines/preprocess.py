@@ -541,6 +541,7 @@ def _load_or_probe(store: cache.Store, version: str, table: pd.DataFrame, table_
         frame[column] = [v if isinstance(v, str) and v else None for v in frame[column]]
     frame[SOURCE_SIZE] = frame[SOURCE_SIZE].fillna(0).astype("int64")
     frame[SRC_FPS] = frame[SRC_FPS].astype("float64")
+    _limit_pixels(frame, config.preprocess.max_pixels_per_frame)
     _assign(frame, config)
     _keys(frame, config, parts)
     frame = frame.drop(columns=[FILE])
@@ -573,6 +574,17 @@ def _validate(frame: pd.DataFrame) -> None:
     for mask, reason in checks:
         fresh = mask & frame[REJECT_STAGE].isna()
         frame.loc[fresh, list(REJECT_COLUMNS)] = [VALIDATE, reason, ""]
+
+
+def _limit_pixels(frame: pd.DataFrame, limit: int) -> None:
+    """Rows whose frames are larger than `limit` pixels are rejected before anything decodes them
+    (a few MB of video can hold 8000x8000 frames: gigabytes once decoded)."""
+    pixels = frame[SRC_HEIGHT].to_numpy(dtype=np.int64) * frame[SRC_WIDTH].to_numpy(dtype=np.int64)
+    large = (pixels > limit) & frame[REJECT_STAGE].isna().to_numpy()
+    for row in np.flatnonzero(large):
+        size = f"{frame[SRC_HEIGHT].iat[row]}x{frame[SRC_WIDTH].iat[row]}"
+        detail = f"{size} = {pixels[row]} pixels per frame; the limit is {limit} (preprocess.max_pixels_per_frame)"
+        frame.loc[frame.index[row], list(REJECT_COLUMNS)] = [VALIDATE, "too large", detail]  # not reused: limits change
 
 
 def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:

@@ -10,6 +10,8 @@ Checkpoints are laid out as `pipelines/checkpoint.py` describes.
 from __future__ import annotations
 
 import contextlib
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +20,13 @@ import numpy as np
 from bucketing.config import BucketConfigError
 from pipelines import sequence_parallel
 from pipelines.cache import Cache, check_cache_matches
-from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment
+from pipelines.checkpoint import CHECKPOINTS, latest_checkpoint, new_experiment, verify_checkpoint
 from pipelines.cluster import connect
 from pipelines.config import ConfigError, TrainConfig, format_config
 from pipelines.device import decide_device
 from pipelines.preview import Previewer, PreviewTask
 from pipelines.train_data import CacheBatches, plan_epoch
-from pipelines.trainer import TrainJob, train_worker
+from pipelines.trainer import STOPPED, TrainJob, check_not_stopped, train_worker
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ def train(
         resume = latest_checkpoint(load)
         if resume is None:
             raise ConfigError(f"--load {load}: no checkpoint there (expected state.json or {CHECKPOINTS}/step-*)")
+        verify_checkpoint(resume)  # at once, naming the file, before any worker starts
         experiment = resume.parent.parent
     else:
         experiment = new_experiment(Path(outputs).absolute(), config.model.type)
@@ -120,7 +123,6 @@ def train(
         config=config,
         cache_dir=cache_dir if "://" in cache_dir else str(Path(cache_dir).absolute()),
         experiment=experiment,
-        steps_per_epoch=plan.steps_per_epoch,
         device=device,
         resume=resume,
     )
@@ -130,12 +132,16 @@ def train(
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=device.use_gpu),
         torch_config=TorchConfig(backend=device.backend),
         run_config=RunConfig(
+            # A run of its own per invocation: Ray Train restores from its run folder's checkpoints
+            # (after a worker dies, within this run), never from a run before: `--load` means what it names.
             storage_path=str(experiment / "ray"),
-            name="run",
+            name=time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3),
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
+    (experiment / STOPPED).unlink(missing_ok=True)
     trainer.fit()
+    check_not_stopped(experiment)
     print(f"experiment: {experiment}", flush=True)
     return experiment
 

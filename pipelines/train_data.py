@@ -62,20 +62,37 @@ class BatchRef:
 
 @dataclass(frozen=True)
 class EpochPlan:
+    """An epoch's batches dealt to the workers: the epoch's global order of batches (fixed by seed
+    and epoch, whatever the number of workers), from `start` on, round-robin, so that step `s` of
+    worker `r` trains global batch `start + s * workers + r`."""
+
     batches: tuple[tuple[BatchRef, ...], ...]  # per worker, in step order
     leftover: dict[str, int]  # bucket -> samples that fill no batch this epoch
+    total: int = 0  # full batches in the epoch's global order
+    start: int = 0  # global batches trained before this plan's first step (a resumed epoch)
 
     @property
     def steps(self) -> int:
         return len(self.batches[0]) if self.batches else 0
 
+    def index(self, rank: int, step: int) -> int:
+        """The global batch that worker `rank` trains at `step` of this plan."""
+        return self.start + step * len(self.batches) + rank
+
 
 def plan_epoch(
-    bucket_rows: Mapping[str, np.ndarray], batch_sizes: Mapping[str, int], seed: int, epoch: int, workers: int
+    bucket_rows: Mapping[str, np.ndarray],
+    batch_sizes: Mapping[str, int],
+    seed: int,
+    epoch: int,
+    workers: int,
+    start: int = 0,
 ) -> EpochPlan:
     """Deal the full batches of every bucket to `workers`, in an order fixed by (seed, epoch).
 
-    `bucket_rows` holds the table rows to train on, per bucket.
+    `bucket_rows` holds the table rows to train on, per bucket. `start` skips the first global
+    batches (trained before a resume, by any number of workers); the batches left after the
+    last full round of `workers` wait for the next epoch's shuffle like a bucket's leftovers.
     """
     batches: list[BatchRef] = []
     leftover = {}
@@ -87,9 +104,10 @@ def plan_epoch(
         batches += [BatchRef(bucket, tuple(int(r) for r in order[i * size : (i + 1) * size])) for i in range(full)]
         leftover[bucket] = len(order) - full * size
     shuffled = [batches[i] for i in np.random.default_rng(seed_of(seed, epoch, "order")).permutation(len(batches))]
-    usable = len(shuffled) - len(shuffled) % workers  # every worker takes the same number of steps
-    per_worker = tuple(tuple(shuffled[rank:usable:workers]) for rank in range(workers))
-    return EpochPlan(per_worker, leftover)
+    remaining = shuffled[start:]
+    usable = len(remaining) - len(remaining) % workers  # every worker takes the same number of steps
+    per_worker = tuple(tuple(remaining[rank:usable:workers]) for rank in range(workers))
+    return EpochPlan(per_worker, leftover, len(shuffled), start)
 
 
 def frame_mask(frames: int, ratios: Mapping[str, float], generator: torch.Generator) -> torch.Tensor:
@@ -232,9 +250,10 @@ class CacheBatches:
     def iterate(
         self, plan: EpochPlan, rank: int, seed: int, epoch: int, start_step: int = 0
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """(step, batch) for this worker from `start_step` on; randomness fixed per (seed, epoch, step, rank)."""
+        """(step, batch) for this worker from `start_step` on; randomness fixed per (seed, epoch, global
+        batch): the same crop, posterior draw and mask for a batch whatever the number of workers."""
         for step in range(start_step, plan.steps):
-            generator = torch.Generator().manual_seed(seed_of(seed, epoch, step, rank))
+            generator = torch.Generator().manual_seed(seed_of(seed, epoch, plan.index(rank, step)))
             yield step, self.load(plan.batches[rank][step], generator)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from pipelines import sequence_parallel
-from pipelines.cache import Cache
+from pipelines.cache import ID, Cache
 from pipelines.checkpoint import (
     EMA,
     TrainState,
@@ -53,13 +54,8 @@ class TrainJob:
     config: TrainConfig
     cache_dir: str  # absolute path or URI
     experiment: Path
-    steps_per_epoch: int
     device: DevicePlan  # GPU or CPU, backend, accelerator, dtype: `pipelines.device`
     resume: Path | None = None  # `--load`: the checkpoint to start from
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
 
 
 class WorkerHooks(Protocol):
@@ -175,12 +171,12 @@ def build_training(
 
 
 class StepKey(NamedTuple):
-    """What seeds a step's randomness: the run's seed, the data position and the rank."""
+    """What seeds a step's randomness: the run's seed and the global batch it trains (the same
+    batch gets the same timesteps and noise whatever the number of workers)."""
 
     seed: int
     epoch: int
-    step: int
-    rank: int
+    batch: int  # the batch's place in the epoch's global order
 
 
 def bound_model(model, dtype: torch.dtype, batch: dict[str, torch.Tensor], model_type: str):
@@ -211,7 +207,9 @@ def train_step(engine, diffusion, batch: dict[str, torch.Tensor], model_type: st
     loss = diffusion.training_losses(model_fn, x, t, noise, batch.get("x_mask"))["loss"].mean()
     engine.backward(loss)
     engine.step()
-    return {"loss": loss.detach(), "grad_norm": engine.get_global_grad_norm()}
+    # DeepSpeed skips a step whose gradients are not finite (all ranks agree on it); in fp16 that is
+    # loss scaling at work, in bf16 or fp32 it means bad data or a diverged model.
+    return {"loss": loss.detach(), "grad_norm": engine.get_global_grad_norm(), "applied": engine.was_step_applied()}
 
 
 EVAL_TIMESTEPS = 8  # fixed timesteps of the eval loss, spread evenly over the schedule
@@ -250,12 +248,18 @@ class TrainLog:
         self.run = _wandb_run(config, experiment)
         self.wait = self.compute = 0.0
         self.samples = 0
+        self.skipped = 0  # fp16 steps skipped by the loss scaler, over the run
 
     def record(self, state: TrainState, metrics: dict, batch_size: int, wait: float, compute: float) -> None:
         """Count a finished step; write it out when it is the first or a `log_every` step."""
         self.wait, self.compute = self.wait + wait, self.compute + compute
         self.samples += batch_size * self.dp_size  # one batch per data-parallel group
         step = state.global_step
+        if not metrics["applied"]:
+            self.skipped += 1
+            print(f"step {step}/{self.total_steps}: fp16 gradients overflowed; the loss scaler skipped the step "
+                  f"({self.skipped} skipped so far)", flush=True)  # fmt: skip
+            self.writer.add_scalar("train/loss_scale_skips", self.skipped, step)
         if step % self.config.log_every and step != 1:
             return
         busy = max(1e-9, self.wait + self.compute)
@@ -313,16 +317,16 @@ def _write_worker_info(experiment: Path, place: sequence_parallel.Layout, device
 
 
 def _batches(
-    data: CacheBatches, config: TrainConfig, epoch: int, step: int, dp_rank: int, dp_size: int
+    data: CacheBatches, config: TrainConfig, epoch: int, done: int, dp_rank: int, dp_size: int
 ) -> Iterator[dict]:
-    """This data-parallel rank's batches from the data position (epoch, step) on, epoch after
-    epoch, as `TrainState.advance` walks them."""
+    """This data-parallel rank's batches from the data position (epoch, `done` global batches of
+    it trained) on, epoch after epoch, as `TrainState.advance` walks them."""
     rows, sizes = data.train_rows(), data.batch_sizes(config.buckets)
     while True:
-        plan = plan_epoch(rows, sizes, config.seed, epoch, dp_size)
-        for _, batch in data.iterate(plan, dp_rank, config.seed, epoch, step):
+        plan = plan_epoch(rows, sizes, config.seed, epoch, dp_size, start=done)
+        for _, batch in data.iterate(plan, dp_rank, config.seed, epoch):
             yield batch
-        epoch, step = epoch + 1, 0
+        epoch, done = epoch + 1, 0
 
 
 def fixed_latent_size(config: TrainConfig) -> tuple[int, int, int] | None:
@@ -350,33 +354,34 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
     engine, ema, diffusion = build_training(config, data.cache.text_dim(), device, rank == 0, sp_group)
     state = TrainState()
     # Where to continue from: the runner's checkpoint (after a restart), else `--load`, else
-    # the newest complete checkpoint of this experiment.
+    # the newest complete checkpoint of this experiment. Any number of workers may resume it.
     with hooks.resumed() as found:
         if found := found or job.resume or latest_checkpoint(job.experiment):
-            state = load_checkpoint(Path(found), engine, ema)
-    if state.step >= job.steps_per_epoch:  # an epoch's length depends on the number of workers
-        raise ConfigError(
-            f"the checkpoint stands at step {state.step} of epoch {state.epoch}, but with {place.dp_size} "
-            f"data-parallel group(s) an epoch has {job.steps_per_epoch} steps: resume with the number of workers "
-            "and the sp_size it was written with"
-        )
-    log = TrainLog(config, job.experiment, job.total_steps, place.dp_size) if rank == 0 else None
+            state = load_checkpoint(Path(found), engine, ema, place.dp_size)
+    epoch_batches = plan_epoch(data.train_rows(), data.batch_sizes(config.buckets), config.seed, 0, 1).total
+    total_steps = state.global_step + state.steps_left(place.dp_size, epoch_batches, config.epochs)
+    log = TrainLog(config, job.experiment, total_steps, place.dp_size) if rank == 0 else None
     if rank == 0:
         _write_worker_info(job.experiment, place, engine.device, device.dtype)
     on_cuda = engine.device.type == "cuda"
-    batches = Prefetcher(_batches(data, config, state.epoch, state.step, place.dp_rank, place.dp_size),
+    batches = Prefetcher(_batches(data, config, state.epoch, state.batches, place.dp_rank, place.dp_size),
                          pin_memory=on_cuda)  # fmt: skip
     try:
-        while state.global_step < job.total_steps:
+        while state.global_step < total_steps:
             wait, batch = next(batches)
             started = time.perf_counter()
             batch = {name: tensor.to(engine.device, non_blocking=True) for name, tensor in batch.items()}
-            key = StepKey(config.seed, state.epoch, state.step, place.dp_rank)  # the data position before this step
+            key = StepKey(config.seed, state.epoch, state.batches + place.dp_rank)  # this rank's global batch
+            if config.record_batches:
+                _record_batch(job.experiment, rank, state, key)
             metrics = train_step(engine, diffusion, batch, config.model.type, key)
+            if non_finite(metrics, device.dtype):
+                stop_on_non_finite(job, data, key, rank, state.global_step + 1)
+                break
             if ema is not None:
                 update_ema(ema, engine.module, config.ema_decay)
-            state.advance(job.steps_per_epoch)
-            done = state.global_step == job.total_steps
+            state.advance(place.dp_size, epoch_batches)
+            done = state.global_step == total_steps
             if log is not None:
                 log.record(state, metrics, batch["x"].shape[0], wait, time.perf_counter() - started)
             if eval_batches and (state.global_step % (config.eval_every or config.ckpt_every) == 0 or done):
@@ -394,6 +399,66 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
     if log is not None:
         log.close()
     hooks.finish()
+
+
+STOPPED = "stopped.json"  # in the experiment: why the run stopped before its last step
+
+
+class TrainingStopped(ConfigError):
+    """A run that stopped itself (non-finite values): the message names the step, bucket and samples."""
+
+
+def non_finite(metrics: dict, dtype: str) -> bool:
+    """Whether any rank's loss, or the gradients, were not finite at this step (all ranks agree).
+
+    In fp16 a skipped step with a finite loss is the loss scaler's (counted, not fatal); in bf16
+    and fp32 a skipped step or a non-finite gradient norm means bad data or a diverged model."""
+    grad_norm = metrics["grad_norm"]
+    bad = not bool(torch.isfinite(metrics["loss"]))
+    if dtype != "fp16":
+        bad = bad or not metrics["applied"] or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([float(bad)], device=metrics["loss"].device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return bad
+
+
+def _record_batch(experiment: Path, rank: int, state: TrainState, key: StepKey) -> None:
+    """`record_batches`: which global batch this rank trains at this step, one line per step."""
+    line = {"step": state.global_step + 1, "epoch": key.epoch, "batch": key.batch}
+    with (experiment / f"batches-rank{rank}.jsonl").open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def stop_on_non_finite(job: TrainJob, data: CacheBatches, key: StepKey, rank: int, global_step: int) -> None:
+    """A step whose loss or gradients are not finite: every rank names its batch, rank 0 writes
+    them to `stopped.json`, and the workers end (no checkpoint of the broken state)."""
+    config = job.config
+    order = plan_epoch(data.train_rows(), data.batch_sizes(config.buckets), config.seed, key.epoch, 1)
+    ref = order.batches[0][key.batch]
+    ids = data.table(ref.bucket).take(list(ref.rows)).column(ID).to_pylist()
+    mine = {"rank": rank, "bucket": ref.bucket, "sample_ids": [str(value) for value in ids]}
+    batches = [mine]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        batches = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(batches, mine)
+    if rank == 0:
+        report = {"step": global_step, "epoch": key.epoch, "reason": "non-finite loss or gradients", "batches": batches}
+        (job.experiment / STOPPED).write_text(json.dumps(report, indent=1))
+
+
+def check_not_stopped(experiment: Path) -> None:
+    """Raise TrainingStopped when the run wrote why it stopped."""
+    stopped = experiment / STOPPED
+    if stopped.is_file():
+        report = json.loads(stopped.read_text())
+        named = "; ".join(f"bucket {b['bucket']}: {', '.join(b['sample_ids'])}" for b in report["batches"])
+        raise TrainingStopped(
+            f"training stopped at step {report['step']} (epoch {report['epoch']}): {report['reason']}. The batches "
+            f"of that step: {named}. Check those samples' latents and captions (`sora cache verify`), or lower "
+            f"the learning rate; the checkpoints written before it are intact ({stopped})"
+        )
 
 
 def preview_task(job: TrainJob, ema: torch.nn.Module, global_step: int, cache: Cache, saved: bool) -> PreviewTask:
@@ -430,5 +495,7 @@ def train_one_process(job: TrainJob) -> None:
     """The worker in this process, world size 1, on this process's device: no Ray involved."""
     job.experiment.mkdir(parents=True, exist_ok=True)
     print(job.device.describe(), flush=True)
+    (job.experiment / STOPPED).unlink(missing_ok=True)
     with single_process_group(job.device.backend):
         train_worker(job, rank=0, world=1, hooks=LocalHooks())
+    check_not_stopped(job.experiment)

@@ -116,7 +116,7 @@ def test_training_feeds_the_model_its_dtype_and_keeps_the_loss_in_fp32():
     engine = RecordingEngine()
     batch = tiny_batch(torch.randn(2, 4, 3, 4, 4), torch.randn(2, 1, 5, 8), torch.ones(2, 5, dtype=torch.long))
     for kind in ("iddpm", "iddpm-speed", "rflow"):
-        metrics = train_step(engine, build_scheduler(kind), batch, "STDiT-XL/2", StepKey(0, 0, 0, 0))
+        metrics = train_step(engine, build_scheduler(kind), batch, "STDiT-XL/2", StepKey(0, 0, 0))
         assert metrics["loss"].dtype == torch.float32 and torch.isfinite(metrics["loss"])
     assert engine.seen and set(engine.seen) == {(torch.bfloat16, torch.bfloat16)}
     assert engine.module.weight.grad is not None and engine.module.weight.grad.dtype == torch.bfloat16

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,18 +23,20 @@ from pipelines.train import make_plan
 from pipelines.device import local_device
 from pipelines.trainer import TrainJob, train_one_process
 
-config_path, cache_dir, experiment, epochs, resume = sys.argv[1:]
+config_path, cache_dir, experiment, epochs, resume, extra = sys.argv[1:]
 overrides = {"epochs": int(epochs), "log_every": 1, "ckpt_every": 4, "lr": 1e-3, "eval_fraction": 0.25, "eval_every": 2}
+overrides |= json.loads(extra)
 config = load_config(config_path, "train", overrides)
 steps = make_plan(Cache(cache_dir), config, workers=1).steps_per_epoch
-job = TrainJob(config, cache_dir, Path(experiment), steps, local_device(config.dtype), Path(resume) if resume else None)
+job = TrainJob(config, cache_dir, Path(experiment), local_device(config.dtype), Path(resume) if resume else None)
 train_one_process(job)
 print(json.dumps({"steps_per_epoch": steps, "ray_loaded": "ray" in sys.modules}))
 """
 
 
-def run_one_process(config, cache, experiment, epochs: int, resume: str = "") -> dict:
-    args = [sys.executable, "-c", ONE_PROCESS, str(config), str(cache), str(experiment), str(epochs), resume]
+def run_one_process(config, cache, experiment, epochs: int, resume: str = "", **overrides) -> dict:
+    args = [sys.executable, "-c", ONE_PROCESS, str(config), str(cache), str(experiment), str(epochs), resume,
+            json.dumps(overrides)]  # fmt: skip
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -47,12 +50,33 @@ def losses(experiment, name: str = "losses.jsonl") -> dict[int, float]:
 def test_train_state_advances_through_epochs_and_round_trips():
     state = TrainState()
     for _ in range(5):
-        state.advance(steps_per_epoch=2)
-    assert (state.epoch, state.step, state.global_step) == (2, 1, 5)
+        state.advance(dp_size=2, epoch_batches=5)  # 2 full rounds of 2 per epoch; the 5th batch waits
+    assert (state.epoch, state.batches, state.global_step) == (2, 2, 5)
     restored = TrainState()
     restored.load_state_dict(json.loads(json.dumps(state.state_dict())))
     assert restored == state
-    assert state.state_dict() == {"epoch": 2, "step": 1, "global_step": 5}
+    assert state.state_dict() == {"epoch": 2, "batches": 2, "global_step": 5}
+    # Steps left to the end of epoch 3: (5 - 2) // 2 = 1 in this epoch, then 2 in epoch 3.
+    assert state.steps_left(dp_size=2, epoch_batches=5, epochs=4) == 3
+    assert state.steps_left(dp_size=3, epoch_batches=5, epochs=4) == 1 + 1
+    # A checkpoint from before global positions: `step` per worker, taken with the workers resuming it.
+    old = TrainState()
+    old.load_state_dict({"epoch": 1, "step": 3, "global_step": 9}, dp_size=2)
+    assert (old.epoch, old.batches, old.global_step) == (1, 6, 9)
+
+
+def test_a_resumed_epoch_deals_the_rest_of_the_same_global_order():
+    from pipelines.train_data import plan_epoch
+
+    rows = {"a": np.arange(20), "b": np.arange(7)}
+    sizes = {"a": 2, "b": 3}  # 10 + 2 batches
+    whole = plan_epoch(rows, sizes, seed=1, epoch=0, workers=1).batches[0]
+    two = plan_epoch(rows, sizes, seed=1, epoch=0, workers=2)
+    assert [two.batches[step % 2][step // 2] for step in range(12)] == list(whole)  # round-robin
+    resumed = plan_epoch(rows, sizes, seed=1, epoch=0, workers=3, start=4)  # 2 steps of 2 workers done
+    assert resumed.steps == 2 and resumed.total == 12
+    dealt = [resumed.batches[rank][step] for step in range(2) for rank in range(3)]
+    assert dealt == list(whole[4:10]) and resumed.index(2, 1) == 9  # whole[10:] waits: not a full round
 
 
 def test_activation_checkpointing_keeps_keys_and_gradients():
@@ -129,3 +153,49 @@ def test_compile_blocks_flag_compiles_each_block_and_keeps_the_keys():
     assert list(compiled.state_dict()) == list(plain.state_dict())  # Open-Sora's keys, no `_orig_mod.`
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
     assert all(block._compiled_call_impl is None for block in plain.blocks)
+
+
+def poison(cache, bucket_prefix: str) -> list[str]:
+    """Set every latent of one shard of a bucket to NaN, as a broken encoder would have written them
+    (the manifest's checksum updated to match); returns the sample ids poisoned."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipelines.cache import ID, LATENT_MEAN, table_bytes, table_from_bytes
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    shard = next(name for name in sorted(manifest["shards"]) if f"/{bucket_prefix}" in name)
+    table = table_from_bytes((cache / shard).read_bytes())
+    nan = [bytes(bytearray(len(value.as_py()))).replace(b"\0" * 4, b"\x00\x00\xc0\x7f") for value in
+           table.column(LATENT_MEAN)]  # fmt: skip
+    column = table.schema.field(LATENT_MEAN)
+    table = table.set_column(table.schema.get_field_index(LATENT_MEAN), column, pa.array(nan, column.type))
+    data = table_bytes(table)
+    (cache / shard).write_bytes(data)
+    manifest["shards"][shard].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return [str(value) for value in table.column(ID).to_pylist()]
+
+
+def test_non_finite_values_stop_the_run_naming_step_bucket_and_samples(clean_cache, tmp_path):
+    import shutil
+
+    cache, config = clean_cache
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    buckets = sorted({name.split("/")[2] for name in json.loads((copy / "manifest.json").read_text())["shards"]})
+    poisoned = [sample for bucket in buckets for sample in poison(copy, bucket)]  # some trained batch has one
+    args = [sys.executable, "-c", ONE_PROCESS, str(config), str(copy), str(tmp_path / "exp"), "1", "", "{}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert "TrainingStopped: training stopped at step" in error and "non-finite loss or gradients" in error
+    stopped = json.loads((tmp_path / "exp" / "stopped.json").read_text())
+    (batch,) = stopped["batches"]
+    assert f"bucket {batch['bucket']}: " in error and batch["sample_ids"][0] in error, error
+    assert set(batch["sample_ids"]) & set(poisoned)
+    step = stopped["step"]
+    trained = losses(tmp_path / "exp") if (tmp_path / "exp" / "losses.jsonl").exists() else {}
+    assert max(trained, default=0) < step and all(loss == loss for loss in trained.values())  # none logged after
+    assert not (tmp_path / "exp" / "checkpoints" / f"step-{step:07d}").exists()  # nothing saved of the broken state
