@@ -10,6 +10,7 @@ gets, in a process of its own. Calls alternate between the two so drift hits bot
 the figures are medians. Throughput clients retry a 503 after half a second.
 
     python benchmarks/serve.py [--repeats 7] [--clients 1 2 4] [--replicas 1] [--steps 10] [--only jobs]
+                               [--config configs/demo/inference.py]
 
 Progress events are measured at the generator deployment, as the ingress calls it: the same
 sample with an event per diffusion step and without (`stream(..., report_steps=False)`),
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="generator replicas")
     parser.add_argument("--cpus-per-replica", type=float, default=1, help="CPU cores per replica (serve.yaml: 1)")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps per request")
+    parser.add_argument("--config", help="an inference config (default: the debug models, written to a temp folder)")
     parser.add_argument("--event-steps", type=int, default=50, help="sampling steps of the progress-event comparison")
     parser.add_argument("--only", nargs="+", choices=["http", "jobs"], default=["http", "jobs"], help="sections to run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -103,12 +105,15 @@ def main() -> None:
     from sora_model.debug import write_debug_models
 
     folder = Path(tempfile.mkdtemp(prefix="sora-bench-serve-"))
-    models = write_debug_models(folder / "models", seed=0)
-    text = (ROOT / "configs/debug/inference.py").read_text()
-    text = text.replace('"demo/models/vae"', f'"{models["vae"]}"')
-    text = text.replace('"demo/models/t5"', f'"{models["text_encoder"]}"')
-    config_path = folder / "inference.py"
-    config_path.write_text(text)
+    if args.config:  # e.g. configs/demo/inference.py: the model `serve run configs/serve.yaml` serves
+        config_path = Path(args.config).absolute()
+    else:
+        models = write_debug_models(folder / "models", seed=0)
+        text = (ROOT / "configs/debug/inference.py").read_text()
+        text = text.replace('"demo/models/vae"', f'"{models["vae"]}"')
+        text = text.replace('"demo/models/t5"', f'"{models["text_encoder"]}"')
+        config_path = folder / "inference.py"
+        config_path.write_text(text)
     base = load_config(config_path, "inference")
     cuda = torch.cuda.is_available()
 
@@ -233,7 +238,8 @@ def jobs_section(url: str, base, args) -> None:
     from pipelines.sample import prepare_item
 
     first = [first_step_seconds(url, args.steps) for _ in range(args.repeats + 1)][1:]  # the first warms up
-    print(f"jobs, debug model, {base.num_frames}x{base.image_size[0]}x{base.image_size[1]}; medians of {args.repeats}")
+    size = f"{base.num_frames}x{base.image_size[0]}x{base.image_size[1]}"
+    print(f"jobs, model {base.model.type}, {size}; medians of {args.repeats}")
     print(f"  POST /jobs to the first progress event (a replica free): {statistics.median(first) * 1000:8.1f} ms"
           f"  (max {max(first) * 1000:.1f} ms; target < 1000 ms)")  # fmt: skip
 
