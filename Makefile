@@ -90,7 +90,7 @@ demo: setup
 	@echo "long video:       $$(ls $(DEMO_DIR)/samples-long/*.mp4) (20 frames: 3 clips, the first frame $(DEMO_LONG_REFERENCE)'s)"
 	@echo "judged:           above; frames and verdicts in $(DEMO_DIR)/samples/contact_sheet.png"
 	@echo
-	@echo "serve it over HTTP:  $(BIN)/serve run configs/serve.yaml   (then see README, Serving)"
+	@echo "try it in a browser: $(BIN)/serve run configs/serve.yaml   then open http://127.0.0.1:8000/ (README, Serving)"
 
 # The committed demo model: more demo data, the same commands, longer. Writes configs/demo/model/.
 demo-model: setup
