@@ -415,6 +415,9 @@ def fingerprint(config: TrainConfig, input_digest: str | None = None) -> dict[st
         "latents": "posterior mean and logvar, scaled",
         "seed": str(config.seed),  # keep_prob draws depend on it
     }
+    limit = config.preprocess.max_pixels_per_frame  # rejects rows: part of the bytes when not the default
+    if limit != type(config.preprocess)().max_pixels_per_frame:
+        parts["max_pixels_per_frame"] = str(limit)
     if input_digest is not None:
         parts["input"] = input_digest
     return parts

@@ -219,6 +219,9 @@ class TrainConfig:
     cache_frames_factor: float = field(default=2.0, metadata=_at_least(1.0))
     ema_decay: float = field(default=0.9999, metadata=_between(0.0, 1.0))
     max_failures: int = field(default=1, metadata=_at_least(0))
+    # CPUs Ray reserves per training worker (with use_gpu, beside its GPU): 2 on nodes of 3 CPUs
+    # puts one worker per node.
+    worker_cpus: float = field(default=1.0, metadata=_at_least(0.0))
     # Each worker writes <experiment>/batches-rank<R>.jsonl: the global batch it trains at each
     # step (which samples, in which order: for audits, and the resume tests).
     record_batches: bool = False

@@ -174,6 +174,13 @@ NON_FINITE = "non-finite"  # an encoder's output with NaN or Inf: rejected, neve
 VAE_CHUNK = 16  # frames per VAE call in preprocessing when vae.micro_batch_size is not set
 
 
+def _node_id() -> str:
+    """The Ray node this stage runs on (the summary says where the VAE ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 class VaeEncode:
     """VAE stage: posterior mean and log-variance per sample, loaded once per actor. The frames of
     all the batch's rows of one size are encoded together, in calls of a fixed number of frames."""
@@ -184,6 +191,7 @@ class VaeEncode:
         compute = torch_dtype(config.dtype) if self.device.type == "cuda" else torch.float32
         self.vae = load_vae(config.vae, compute).to(self.device)
         self.store = torch_dtype(config.dtype)
+        self.node = _node_id()
         # Frames per VAE call, always this many (the last call of a batch padded): see encode_many.
         self.chunk = config.vae.micro_batch_size or VAE_CHUNK
         if self.device.type == "cuda":  # one algorithm per shape, chosen the same way every run
@@ -230,7 +238,8 @@ class VaeEncode:
         }
         frames = sum(videos[i].shape[1] for i in encoded)
         span = [(started, time.perf_counter(), frames)] * count  # for the run's summary: time and frames
-        return rejects.into(batch.drop(columns=["frames", "frames_shape"]), vae_span=span, **columns)
+        return rejects.into(batch.drop(columns=["frames", "frames_shape"]), vae_span=span, vae_node=[self.node] * count,
+                            **columns)  # fmt: skip
 
 
 class TextEncode:
@@ -670,10 +679,12 @@ def _encode(pending: pd.DataFrame, store: cache.Store, version: str, config: Tra
     buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
     counts: Counter[str] = Counter()
     spans: set[tuple] = set()  # (start, end, frames) of each VAE call
+    nodes: Counter[str] = Counter()  # rows encoded per Ray node
     for arrived in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
         # Rebuilt column by column: blocks of mixed column types must not reach groupby.
         batch = Rejects(arrived).into(pd.DataFrame({c: arrived[c].tolist() for c in arrived.columns}))
         spans.update(map(tuple, batch["vae_span"]))
+        nodes.update(batch["vae_node"])
         for shard, part in batch.groupby(SHARD):
             buffers[shard].append(part)
             counts[shard] += len(part)
@@ -690,6 +701,8 @@ def _encode(pending: pd.DataFrame, store: cache.Store, version: str, config: Tra
     rate = f" ({frames / timing['vae_seconds']:.1f} frames/s)" if timing["vae_seconds"] > 0 else ""
     _log(f"encoded {len(rows)} rows in {timing['encode_wall_seconds']:.1f} s; model time: VAE "
          f"{timing['vae_seconds']:.1f} s{rate}, T5 {timing['text_seconds']:.1f} s")  # fmt: skip
+    placed = ", ".join(f"{node[:12]} {count}" for node, count in sorted(nodes.items()))
+    _log(f"VAE rows per node ({len(nodes)} node(s)): {placed}")
     return timing
 
 

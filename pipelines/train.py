@@ -10,6 +10,7 @@ Checkpoints are laid out as `pipelines/checkpoint.py` describes.
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def train(
         raise ConfigError(
             "no bucket yields a full batch for every data-parallel group: lower batch sizes or num_workers"
         )
-    connect(address, local_cpus=max(4, num_workers + 1), log_to_driver=True)
+    connect(address, local_cpus=max(4, math.ceil(num_workers * config.worker_cpus) + 1), log_to_driver=True)
     device = decide_device(use_gpu, ray.cluster_resources().get("GPU", 0), num_workers, config.dtype)
     print(device.describe(), flush=True)
     resume = None
@@ -126,10 +127,11 @@ def train(
         device=device,
         resume=resume,
     )
+    per_worker = {"CPU": config.worker_cpus} | ({"GPU": 1} if device.use_gpu else {})
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=device.use_gpu),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=device.use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend=device.backend),
         run_config=RunConfig(
             # A run of its own per invocation: Ray Train restores from its run folder's checkpoints
@@ -175,6 +177,11 @@ class RayHooks:
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self.previewer = ray.remote(num_cpus=0, scheduling_strategy=here)(Previewer).remote(niced=True)
         self.previews.append(self.previewer.render.remote(task))
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def finish(self) -> None:
         import ray

@@ -78,6 +78,10 @@ class WorkerHooks(Protocol):
         """Training is over: wait for what `preview` started."""
         ...
 
+    def node(self) -> str:
+        """Where this worker runs: the runner's node id."""
+        ...
+
 
 class LocalHooks:
     """One process, no runner: nothing to resume from but the experiment, nothing to report;
@@ -97,6 +101,9 @@ class LocalHooks:
 
     def finish(self) -> None:
         pass
+
+    def node(self) -> str:
+        return "local"
 
 
 # --------------------------------------------------------------------------- pieces of a worker
@@ -363,6 +370,8 @@ def train_worker(job: TrainJob, rank: int, world: int, hooks: WorkerHooks) -> No
     log = TrainLog(config, job.experiment, total_steps, place.dp_size) if rank == 0 else None
     if rank == 0:
         _write_worker_info(job.experiment, place, engine.device, device.dtype)
+    placed = {"rank": rank, "node": hooks.node(), "device": str(engine.device)}  # where each worker ran
+    (job.experiment / f"worker-rank{rank}.json").write_text(json.dumps(placed) + "\n")
     on_cuda = engine.device.type == "cuda"
     batches = Prefetcher(_batches(data, config, state.epoch, state.batches, place.dp_rank, place.dp_size),
                          pin_memory=on_cuda)  # fmt: skip

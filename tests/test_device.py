@@ -100,6 +100,9 @@ class RecordingEngine(torch.nn.Module):
     def get_global_grad_norm(self):
         return None
 
+    def was_step_applied(self):
+        return True
+
 
 def tiny_batch(x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """A training batch of latents x (B, C, T, h, w) and captions, with square-frame size conditioning."""

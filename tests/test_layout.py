@@ -40,6 +40,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
             "wandb",  # optional: only when wandb=True and installed
             "matplotlib",
             "starlette",  # Ray Serve's request and response types (installed with ray[serve])
+            "psutil",  # the reaper: a command's processes, to stop what outlives it
         },
         {"bucketing", "sora_model", "pipelines"},
     ),
