@@ -212,7 +212,7 @@ def test_encoders_reject_non_finite_outputs_and_keep_the_other_rows():
                           "text": ["fine", "inf here"], "reject_stage": None, "reject_reason": None,
                           "reject_detail": None})  # fmt: skip
     vae = VaeEncode.__new__(VaeEncode)
-    vae.vae, vae.device, vae.store, vae.chunk = Vae(), torch.device("cpu"), torch.float32, 4
+    vae.vae, vae.device, vae.store, vae.chunk, vae.node = Vae(), torch.device("cpu"), torch.float32, 4, "local"
     out = vae(batch)
     assert out["reject_stage"].tolist() == [None, "encode"] and out["reject_reason"].iat[1] == NON_FINITE
     assert out["latent_mean"].iat[0] and not out["latent_mean"].iat[1]
