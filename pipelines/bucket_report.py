@@ -37,12 +37,13 @@ def report_from_table(table_path: str | Path, config: TrainConfig, progress: boo
     frames, heights, widths = np.array(metadata[list(SIZE_COLUMNS)].fillna(0), dtype=np.int64).T
 
     rejected: dict[str, list[str]] = {}
+    usable = np.ones(len(paths), dtype=bool)
     for row, (path, text) in enumerate(zip(paths, texts, strict=True)):  # as preprocess validates them
         reason = "empty path" if not path.strip() else "empty caption" if not text.strip() else None
         if reason is not None:
             rejected.setdefault(reason, []).append(path or f"row {row}")
+            usable[row] = False
             known[row] = True  # settled: not probed
-    usable = np.array([bool(path.strip()) and bool(text.strip()) for path, text in zip(paths, texts, strict=True)])
     unknown = np.flatnonzero(~known)
     if len(unknown):
         files = resolve_paths(table["path"].iloc[unknown].astype(str), table_path, config.root)

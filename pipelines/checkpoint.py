@@ -155,8 +155,8 @@ def load_checkpoint(folder: Path, engine, ema: torch.nn.Module | None, dp_size: 
     """Restore the engine (weights, optimizer), the EMA and the training state from `folder`
     (checked first by `verify_checkpoint`); DeepSpeed's pickles go through the restricted unpickler."""
     engine.checkpoint_engine = RestrictedLoads(engine.checkpoint_engine)
-    saved = load_pickle(folder / DEEPSPEED / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", "cpu")
-    saved_world = saved.get("dp_world_size", engine.dp_world_size)
+    # ZeRO writes one optimizer shard per data-parallel worker: their count is the saved world.
+    saved_world = len(list((folder / DEEPSPEED / DEEPSPEED_TAG).glob("*optim_states.pt"))) or engine.dp_world_size
     if saved_world == engine.dp_world_size:
         engine.load_checkpoint(str(folder / DEEPSPEED), tag=DEEPSPEED_TAG)
     else:

@@ -418,14 +418,18 @@ class TrainingStopped(ConfigError):
 
 
 def non_finite(metrics: dict, dtype: str) -> bool:
-    """Whether any rank's loss, or the gradients, were not finite at this step (all ranks agree).
+    """Whether the loss or the gradients were not finite at this step, the same on every rank.
 
-    In fp16 a skipped step with a finite loss is the loss scaler's (counted, not fatal); in bf16
-    and fp32 a skipped step or a non-finite gradient norm means bad data or a diverged model."""
+    In fp16 a skipped step is the loss scaler's (counted and logged by TrainLog, not fatal). In
+    bf16 and fp32 a skipped step or a non-finite gradient norm means bad data or a diverged
+    model. DeepSpeed's global gradient norm is already reduced over the ranks (a NaN loss on any
+    rank makes it NaN everywhere), so no collective of our own is needed on the hot path."""
+    if dtype == "fp16":
+        return False
     grad_norm = metrics["grad_norm"]
-    bad = not bool(torch.isfinite(metrics["loss"]))
-    if dtype != "fp16":
-        bad = bad or not metrics["applied"] or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+    if grad_norm is not None:
+        return not metrics["applied"] or not math.isfinite(float(grad_norm))
+    bad = not metrics["applied"] or not bool(torch.isfinite(metrics["loss"]))  # an engine without a norm
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         flag = torch.tensor([float(bad)], device=metrics["loss"].device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
