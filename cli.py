@@ -186,9 +186,20 @@ def bucket_report(
     config_path: ConfigArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the report to this PNG.")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster whose tasks read and bucket the table (default: tables over 256 MiB go "
+            "through a local Ray instance, smaller ones are read here; memory stays bounded either way).",
+        ),
+    ] = None,
 ) -> None:
-    """Show how a dataset falls into the config's buckets, and what is dropped and why."""
-    typer.echo(_run(commands.bucket_report, source, config_path, as_json, plot), nl=False)
+    """Show how a dataset falls into the config's buckets, and what is dropped and why.
+
+    A table is streamed a batch of rows at a time and never held whole, so tables larger than
+    this machine's memory work; only counts and a few examples per drop reason are kept."""
+    typer.echo(_run(commands.bucket_report, source, config_path, as_json, plot, address), nl=False)
     if plot is not None:
         typer.echo(f"plot: {plot}", err=True)
 

@@ -1,19 +1,21 @@
 """The bucket report: what `assign_buckets` decided, aggregated. Nothing here re-decides.
 
 Per bucket: samples, batch size, full batches per epoch, leftover samples and share of
-the training compute (latent tokens x samples). Per drop reason: count and examples.
+the training compute (latent tokens x samples). Per drop reason, largest first: count and examples.
 Rows in = kept + dropped, always.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bucketing.assign import Assignments, Bucket, Drop
+from bucketing.config import BucketConfig
 
 # Latent tokens of a T x H x W sample: VAE stride 8 and patch 2 make 16 x 16 pixels a token.
 PIXELS_PER_TOKEN_SIDE = 16
@@ -66,60 +68,115 @@ def build_report(
 ) -> Report:
     """Aggregate assignments of rows named `names` (e.g. paths); `rejected` are rows that
     never reached assignment (reason -> names), such as files that could not be probed."""
-    rejected = rejected or {}
-    kept_rows = np.flatnonzero(assignments.reason == Drop.KEPT)
-    # One integer per (resolution, T, aspect) so that grouping is a single np.unique.
-    codes = (
-        assignments.resolution[kept_rows].astype(np.int64) << 40
-        | assignments.num_frames[kept_rows].astype(np.int64) << 16
-        | assignments.aspect[kept_rows].astype(np.int64)
-    )
-    _unique_codes, first, counts = np.unique(codes, return_index=True, return_counts=True)
-    buckets = [assignments.bucket(int(kept_rows[index])) for index in first]
-    compute = [tokens_per_sample(bucket) * int(count) for bucket, count in zip(buckets, counts, strict=True)]
-    total_compute = sum(compute) or 1
-    rows = [
-        BucketRow(
-            bucket=bucket,
-            samples=int(count),
-            full_batches=None if bucket.batch_size is None else int(count) // bucket.batch_size,
-            leftover=None if bucket.batch_size is None else int(count) % bucket.batch_size,
-            tokens_per_sample=tokens_per_sample(bucket),
-            compute_share=cost / total_compute,
+    tally = Tally(assignments.config)
+    for reason, examples in (rejected or {}).items():
+        tally.reject(reason, len(examples), examples)
+    tally.add(assignments, names)
+    return tally.report()
+
+
+@dataclass
+class Tally:
+    """What a report counts, gathered a batch of rows at a time: a table streamed through a
+    cluster is tallied per batch, and the tallies merged in row order give the report of the
+    whole table (the same as tallying it at once), with memory for counts and examples only."""
+
+    config: BucketConfig
+    kept: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (resolution, T, aspect) -> samples
+    drops: dict[str, list] = field(default_factory=dict)  # reason -> [count, examples]
+    rows_in: int = 0
+
+    def add(self, assignments: Assignments, names: Sequence[str]) -> None:
+        """Count assigned rows (`names[i]` names row i in the examples of its drop reason)."""
+        self.rows_in += len(assignments)
+        kept_rows = np.flatnonzero(assignments.reason == Drop.KEPT)
+        # One integer per (resolution, T, aspect) so that grouping is a single np.unique.
+        codes = (
+            assignments.resolution[kept_rows].astype(np.int64) << 40
+            | assignments.num_frames[kept_rows].astype(np.int64) << 16
+            | assignments.aspect[kept_rows].astype(np.int64)
         )
-        for bucket, count, cost in zip(buckets, counts, compute, strict=True)
-    ]
-    order = {entry.resolution.name: i for i, entry in enumerate(assignments.config.resolutions)}
-    rows.sort(key=lambda row: (order[row.bucket.resolution], -row.bucket.num_frames, float(row.bucket.aspect)))
+        for code, count in zip(*np.unique(codes, return_counts=True), strict=True):
+            key = (int(code) >> 40, (int(code) >> 16) & 0xFFFFFF, int(code) & 0xFFFF)
+            self.kept[key] = self.kept.get(key, 0) + int(count)
+        for reason in Drop:
+            where = np.flatnonzero(assignments.reason == reason) if reason != Drop.KEPT else ()
+            if len(where):
+                self._drop(reason.description, len(where), [names[i] for i in where[:MAX_EXAMPLES]])
 
-    drops = [
-        DropRow(reason, len(examples), tuple(examples[:MAX_EXAMPLES]))
-        for reason, examples in rejected.items()
-        if len(examples)
-    ]
-    for reason in Drop:
-        if reason == Drop.KEPT:
-            continue
-        where = np.flatnonzero(assignments.reason == reason)
-        if len(where):
-            drops.append(DropRow(reason.description, len(where), tuple(names[i] for i in where[:MAX_EXAMPLES])))
+    def reject(self, reason: str, count: int, examples: Sequence[str]) -> None:
+        """Count rows that never reached assignment (an empty caption, a file that cannot be probed)."""
+        self.rows_in += count
+        self._drop(reason, count, examples)
 
-    reached = {(row.bucket.resolution, row.bucket.num_frames) for row in rows}
-    empty = tuple(
-        f"{entry.resolution.name} T={bucket.num_frames}"
-        for entry in assignments.config.resolutions
-        for bucket in entry.frames
-        if bucket.keep_prob > 0 and (entry.resolution.name, bucket.num_frames) not in reached
-    )
-    aspects: dict[str, dict[str, int]] = {}
-    for row in rows:
-        per_resolution = aspects.setdefault(row.bucket.resolution, {})
-        per_resolution[row.bucket.aspect] = per_resolution.get(row.bucket.aspect, 0) + row.samples
+    def _drop(self, reason: str, count: int, examples: Sequence[str]) -> None:
+        if count:
+            entry = self.drops.setdefault(reason, [0, []])
+            entry[0] += count
+            entry[1].extend(examples[: MAX_EXAMPLES - len(entry[1])])
 
-    rows_in = len(assignments) + sum(len(examples) for examples in rejected.values())
-    kept = len(kept_rows)
-    report = Report(rows_in, kept, tuple(rows), tuple(drops), empty, (), assignments.config.frame_interval, aspects)
-    return dataclasses.replace(report, warnings=tuple(_warnings(report)))
+    def merge(self, other: Tally) -> None:
+        """Add the tally of the rows after these."""
+        self.rows_in += other.rows_in
+        for key, count in other.kept.items():
+            self.kept[key] = self.kept.get(key, 0) + count
+        for reason, (count, examples) in other.drops.items():
+            self._drop(reason, count, examples)
+
+    def to_json(self) -> str:
+        kept = [[*key, count] for key, count in self.kept.items()]
+        return json.dumps({"rows_in": self.rows_in, "kept": kept, "drops": self.drops})
+
+    @classmethod
+    def from_json(cls, config: BucketConfig, text: str) -> Tally:
+        data = json.loads(text)
+        kept = {(r, t, a): count for r, t, a, count in data["kept"]}
+        return cls(config, kept, data["drops"], data["rows_in"])
+
+    def report(self) -> Report:
+        keys = sorted(self.kept)
+        one = np.zeros(1, dtype=np.int8)
+        buckets = [
+            Assignments(self.config, np.array([r], np.int16), np.array([t], np.int32), np.array([a], np.int16), one)
+            .bucket(0)
+            for r, t, a in keys
+        ]  # fmt: skip
+        counts = [self.kept[key] for key in keys]
+        compute = [tokens_per_sample(bucket) * count for bucket, count in zip(buckets, counts, strict=True)]
+        total_compute = sum(compute) or 1
+        rows = [
+            BucketRow(
+                bucket=bucket,
+                samples=count,
+                full_batches=None if bucket.batch_size is None else count // bucket.batch_size,
+                leftover=None if bucket.batch_size is None else count % bucket.batch_size,
+                tokens_per_sample=tokens_per_sample(bucket),
+                compute_share=cost / total_compute,
+            )
+            for bucket, count, cost in zip(buckets, counts, compute, strict=True)
+        ]
+        order = {entry.resolution.name: i for i, entry in enumerate(self.config.resolutions)}
+        rows.sort(key=lambda row: (order[row.bucket.resolution], -row.bucket.num_frames, float(row.bucket.aspect)))
+
+        # The largest drop first: an order that does not depend on how the rows were batched.
+        reasons = sorted(self.drops, key=lambda reason: (-self.drops[reason][0], reason))
+        drops = [DropRow(reason, self.drops[reason][0], tuple(self.drops[reason][1])) for reason in reasons]
+
+        reached = {(row.bucket.resolution, row.bucket.num_frames) for row in rows}
+        empty = tuple(
+            f"{entry.resolution.name} T={bucket.num_frames}"
+            for entry in self.config.resolutions
+            for bucket in entry.frames
+            if bucket.keep_prob > 0 and (entry.resolution.name, bucket.num_frames) not in reached
+        )
+        aspects: dict[str, dict[str, int]] = {}
+        for row in rows:
+            per_resolution = aspects.setdefault(row.bucket.resolution, {})
+            per_resolution[row.bucket.aspect] = per_resolution.get(row.bucket.aspect, 0) + row.samples
+
+        kept = sum(counts)
+        report = Report(self.rows_in, kept, tuple(rows), tuple(drops), empty, (), self.config.frame_interval, aspects)
+        return dataclasses.replace(report, warnings=tuple(_warnings(report)))
 
 
 def _warnings(report: Report) -> list[str]:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from bucketing.assign import assign_buckets, sample_keys
-from bucketing.report import Report, build_report, format_report, report_to_dict
+from bucketing.report import MAX_EXAMPLES, Report, Tally, build_report, format_report, report_to_dict
 from pipelines.cache import (
     BUCKETING,
     ID,
@@ -23,49 +28,128 @@ from pipelines.cache import (
     Cache,
     check_cache_matches,
 )
-from pipelines.config import TrainConfig
-from pipelines.dataset import SIZE_COLUMNS, read_metadata, read_table, resolve_paths, sample_id
+from pipelines.cluster import connect
+from pipelines.config import ConfigError, TrainConfig
+from pipelines.dataset import (
+    BATCH_ROWS,
+    SIZE_COLUMNS,
+    is_parquet,
+    iter_table,
+    normalise,
+    read_metadata,
+    resolve_paths,
+    row_problems,
+    sample_id,
+    table_columns,
+    table_source,
+)
 from pipelines.probe import ProbeError, probe
 
+IN_PROCESS_BYTES = 256 << 20  # a table up to this size is streamed in this process; larger ones through Ray Data
 
-def report_from_table(table_path: str | Path, config: TrainConfig, progress: bool = True) -> Report:
-    """Assign every row of a CSV/Parquet table; rows without metadata columns are probed."""
-    table = read_table(table_path)
-    paths, texts = table["path"].tolist(), table["text"].tolist()
-    metadata, has_size = read_metadata(table)
-    known = np.array(has_size, dtype=bool)  # grows as files are probed
+
+def report_from_table(
+    table_path: str | Path, config: TrainConfig, progress: bool = True, address: str | None = None,
+    on_ray: bool | None = None, batch_rows: int = BATCH_ROWS,
+) -> Report:  # fmt: skip
+    """Assign every row of a CSV/Parquet table; rows without metadata columns are probed.
+
+    The table is never held whole: it is read a batch of rows at a time, each batch is
+    validated, probed where it lacks metadata and bucketed, and only the counts and a few
+    examples per drop reason are kept. A table over IN_PROCESS_BYTES (or any table when
+    `address` names a cluster, or `on_ray`) is read and tallied by Ray Data tasks in the
+    cluster: this process then holds the tallies only. Either way the report is the same."""
+    table_path = Path(table_path).absolute()  # workers resolve relative file paths against it
+    table_columns(table_path)  # a missing file or column fails here, before Ray starts
+    if on_ray is None:
+        on_ray = address is not None or table_path.stat().st_size > IN_PROCESS_BYTES
+    tally = Tally(config.buckets)
+    if on_ray:
+        for text in _tallies_on_ray(table_path, config, progress, address, batch_rows):
+            tally.merge(Tally.from_json(config.buckets, text))
+        return tally.report()
+    total = pq.ParquetFile(table_path).metadata.num_rows if is_parquet(table_path) else None
+    with tqdm(total=total, desc="bucket", unit="row", unit_scale=True, disable=not progress) as bar:
+        for frame in iter_table(table_path, batch_rows):
+            tally.merge(tally_rows(frame, table_path, config))
+            bar.update(len(frame))
+    return tally.report()
+
+
+def tally_rows(frame: pd.DataFrame, table_path: Path, config: TrainConfig) -> Tally:
+    """The tally of one batch of rows (normalised), as preprocess would decide them: rows no file
+    can make usable, then files probed where metadata is missing, the pixel limit, the buckets."""
+    tally = Tally(config.buckets)
+    paths, texts = frame["path"], frame["text"]
+    usable = np.ones(len(frame), dtype=bool)
+    for mask, reason in row_problems(paths, texts):
+        rows = np.flatnonzero(mask.to_numpy(dtype=bool) & usable)
+        tally.reject(reason, len(rows), [_name(paths.iat[row], texts.iat[row]) for row in rows[:MAX_EXAMPLES]])
+        usable[rows] = False
+    metadata, has_size = read_metadata(frame)
     frames, heights, widths = np.array(metadata[list(SIZE_COLUMNS)].fillna(0), dtype=np.int64).T
-
-    rejected: dict[str, list[str]] = {}
-    usable = np.ones(len(paths), dtype=bool)
-    for row, (path, text) in enumerate(zip(paths, texts, strict=True)):  # as preprocess validates them
-        reason = "empty path" if not path.strip() else "empty caption" if not text.strip() else None
-        if reason is not None:
-            rejected.setdefault(reason, []).append(path or f"row {row}")
-            usable[row] = False
-            known[row] = True  # settled: not probed
-    unknown = np.flatnonzero(~known)
+    unknown = np.flatnonzero(usable & ~has_size.to_numpy(dtype=bool))
     if len(unknown):
-        files = resolve_paths(table["path"].iloc[unknown].astype(str), table_path, config.root)
-        for row, file in zip(tqdm(unknown, desc="probe", unit="file", disable=not progress), files, strict=True):
+        unprobed: dict[str, list[str]] = {}
+        for row, file in zip(unknown, resolve_paths(paths.iloc[unknown], table_path, config.root), strict=True):
             try:
                 found = probe(file)
             except ProbeError as error:
-                rejected.setdefault(f"could not be probed: {error.reason}", []).append(paths[row])
+                unprobed.setdefault(f"could not be probed: {error.reason}", []).append(paths.iat[row])
+                usable[row] = False
                 continue
             frames[row], heights[row], widths[row] = found.num_frames, found.height, found.width
-            known[row] = True
+        for reason, names in unprobed.items():
+            tally.reject(reason, len(names), names)
 
     limit = config.preprocess.max_pixels_per_frame  # as preprocess rejects them, before decoding
-    large = known & usable & (heights.astype(np.int64) * widths.astype(np.int64) > limit)
-    for row in np.flatnonzero(large):
-        rejected.setdefault(f"too large: over {limit} pixels per frame (preprocess.max_pixels_per_frame)", []).append(
-            paths[row]
-        )
-    rows = np.flatnonzero(known & usable & ~large)
-    keys = sample_keys(sample_id(paths[row], texts[row]) for row in rows)
-    assignments = assign_buckets(config.buckets, frames[rows], heights[rows], widths[rows], keys, config.seed)
-    return build_report(assignments, [paths[row] for row in rows], rejected)
+    large = np.flatnonzero(usable & (heights * widths > limit))
+    reason = f"too large: over {limit} pixels per frame (preprocess.max_pixels_per_frame)"
+    tally.reject(reason, len(large), [paths.iat[row] for row in large[:MAX_EXAMPLES]])
+    usable[large] = False
+
+    rows = np.flatnonzero(usable)
+    ids = (sample_id(path, text) for path, text in zip(paths.iloc[rows], texts.iloc[rows], strict=True))
+    assignments = assign_buckets(
+        config.buckets, frames[rows], heights[rows], widths[rows], sample_keys(ids), config.seed
+    )
+    tally.add(assignments, paths.iloc[rows].tolist())
+    return tally
+
+
+def _name(path: str, text: str) -> str:
+    """How a rejected row is named among the examples (a row without a path, by its caption)."""
+    return path if path.strip() else f"(no path; caption {text[:40]!r})"
+
+
+def _tallies_on_ray(table_path: Path, config: TrainConfig, progress: bool, address: str | None,
+                    batch_rows: int) -> Iterator[str]:  # fmt: skip
+    """Each batch's tally, in row order, computed where Ray Data reads the table."""
+    from ray.data import DataContext
+
+    connect(address, local_cpus=os.cpu_count() or 1)
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True  # tallies merge in row order: the same examples every run
+    context.enable_progress_bars = progress
+    tallies = table_source(table_path).map_batches(
+        _tally_batch, fn_kwargs={"table_path": table_path, "config": config},
+        batch_format="pyarrow", batch_size=batch_rows,
+    )  # fmt: skip
+    try:
+        for row in tallies.iter_rows():
+            yield row["tally"]
+    except (pa.ArrowException, OSError, ValueError) as error:  # a task's error carries its cause's type
+        raise ConfigError(f"cannot read {table_path}: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """The cause of a task's error, without Ray's traceback of the task."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _tally_batch(batch: pa.Table, table_path: Path, config: TrainConfig) -> dict[str, list[str]]:
+    return {"tally": [tally_rows(normalise(batch), table_path, config).to_json()]}
 
 
 def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
@@ -91,10 +175,11 @@ def report_from_cache(cache_dir: str | Path, config: TrainConfig) -> Report:
     return build_report(assignments, rows[PATH].tolist(), rejected)
 
 
-def bucket_report(source: str | Path, config: TrainConfig, as_json: bool, plot: str | Path | None) -> str:
+def bucket_report(source: str | Path, config: TrainConfig, as_json: bool, plot: str | Path | None,
+                  address: str | None = None) -> str:  # fmt: skip
     """The report of `source` (a CSV/Parquet table or a cache folder) as text or JSON; optionally a PNG."""
     is_cache = "://" in str(source) or Path(source).is_dir()
-    report = report_from_cache(source, config) if is_cache else report_from_table(source, config)
+    report = report_from_cache(source, config) if is_cache else report_from_table(source, config, address=address)
     if plot is not None:
         from pipelines.plots import plot_report  # matplotlib only when asked for
 

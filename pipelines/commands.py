@@ -21,12 +21,13 @@ def show_config(path: str | Path, kind: str | None) -> str:
     return format_config(load_config(path, kind))  # type: ignore[arg-type]
 
 
-def bucket_report(source: str | Path, config_path: str | Path, as_json: bool, plot: str | Path | None) -> str:
+def bucket_report(source: str | Path, config_path: str | Path, as_json: bool, plot: str | Path | None,
+                  address: str | None = None) -> str:  # fmt: skip
     """The bucket report of a CSV/Parquet table under a training config."""
     from pipelines.bucket_report import bucket_report as report
 
     config = load_config(config_path, "train")
-    return report(source, config, as_json, plot)  # type: ignore[arg-type]
+    return report(source, config, as_json, plot, address)  # type: ignore[arg-type]
 
 
 def preprocess(

@@ -1,11 +1,23 @@
-"""The input table (CSV or Parquet of path,text[,metadata]) and sample ids."""
+"""The input table (CSV or Parquet of path,text[,metadata]) and sample ids.
+
+One reader for every command: `iter_table` streams the table in batches of rows (pyarrow's
+CSV and Parquet readers), `table_source` gives the same read to Ray Data, and
+`normalise` turns a batch into the one representation every stage works on, so a table
+read whole on the driver and a table streamed through a cluster are read alike.
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from pipelines.config import ConfigError
 
@@ -17,40 +29,122 @@ SAMPLES_TABLE = "samples.csv"  # what `sora sample` writes beside its videos, in
 # Open-Sora's data tools write these; when present they spare probing the files.
 SIZE_COLUMNS = ("num_frames", "height", "width")  # what bucketing needs of a row
 METADATA_COLUMNS = (*SIZE_COLUMNS, "fps")
+BATCH_ROWS = 65_536  # rows a batch of `iter_table` holds (a few MB)
+# Bytes of CSV text the reader parses at a time: as fast as larger blocks here, and with larger
+# ones (8 MB) the reader's memory grew with the rows read (~30 MB per million).
+CSV_BLOCK_BYTES = 1 << 20
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read the input table; a missing file or required column fails at once, naming it."""
+def is_parquet(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".parquet"
+
+
+def table_columns(path: str | Path) -> list[str]:
+    """The table's columns, from its header or schema only; the table must have path and text.
+
+    Only the columns the project uses are read after this: path, text and the metadata
+    columns present. Other columns (a data tool's scores, say) are never parsed, so a junk
+    value there cannot stop a read."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"input table not found: {path}")
     try:
-        table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else _read_csv(path)
-    except Exception as error:  # pandas and pyarrow raise many types for a malformed file
+        if is_parquet(path):
+            names = pq.read_schema(path).names
+        else:
+            with path.open(encoding="utf-8", errors="replace", newline="") as file:
+                names = next(csv.reader(file), [])
+    except Exception as error:  # pyarrow raises many types for a malformed file
         raise ConfigError(f"cannot read {path}: {error}") from None
-    table = table.reset_index(drop=True)  # a filtered table saved with its old row labels: rows are positions
-    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
+    missing = [column for column in REQUIRED_COLUMNS if column not in names]
     if missing:
         raise ConfigError(
             f"{path}: missing required column {', '.join(repr(c) for c in missing)} "
-            f"(found: {', '.join(map(str, table.columns))})"
+            f"(found: {', '.join(map(str, names))})"
         )
-    for column in REQUIRED_COLUMNS:  # text, whatever a Parquet writer stored: a null is "" (rejected as empty)
-        values = table[column]
-        table[column] = values.astype(object).where(values.notna(), "").map(str)
-    return table
+    return [column for column in (*REQUIRED_COLUMNS, *METADATA_COLUMNS) if column in names]
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """pyarrow's fast reader; a file with bytes that are not UTF-8 is read again with those bytes
-    replaced (U+FFFD), so the rows holding them can be rejected one by one, not the whole file."""
-    options = {"dtype": {"path": str, "text": str}, "keep_default_na": False}
+def csv_options(columns: list[str]) -> dict:
+    """pyarrow's CSV options for the columns we read: every cell as bytes (decoded by
+    `normalise`, so bytes that are not UTF-8 reject their row, not the file, and a junk number
+    makes its cell missing instead of failing the read); quoted newlines are allowed in captions;
+    an empty cell is "" (rejected as empty), never null."""
+    return {
+        "read_options": pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        "parse_options": pacsv.ParseOptions(newlines_in_values=True),
+        "convert_options": pacsv.ConvertOptions(
+            include_columns=columns, column_types=dict.fromkeys(columns, pa.binary()), strings_can_be_null=False
+        ),
+    }
+
+
+def iter_table(path: str | Path, batch_rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
+    """The table's rows in order, a normalised batch at a time (memory: one batch, not the table)."""
+    path = Path(path)
+    columns = table_columns(path)
     try:
-        return pd.read_csv(path, engine="pyarrow", **options)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-        if "UTF8" not in str(error) and "utf-8" not in str(error):
-            raise
-        return pd.read_csv(path, engine="c", encoding_errors="replace", **options)
+        if is_parquet(path):
+            batches = _parquet_batches(path, columns, batch_rows)
+        else:
+            batches = pacsv.open_csv(path, **csv_options(columns))
+        for batch in batches:
+            for start in range(0, batch.num_rows, batch_rows):
+                yield normalise(pa.Table.from_batches([batch.slice(start, batch_rows)]))
+    except (pa.ArrowException, OSError, ValueError) as error:  # a malformed file, a truncated footer
+        raise ConfigError(f"cannot read {path}: {error}") from None
+
+
+def _parquet_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A row group at a time, each through a reader of its own: one reader over the whole file
+    keeps memory growing with the rows read (about 8 MB per million here)."""
+    for group in range(pq.ParquetFile(path).num_row_groups):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns, row_groups=[group])
+
+
+def table_source(path: str | Path):
+    """The table as a Ray Data dataset of raw batches (read in the cluster, never on the driver);
+    map `normalise` over its pyarrow batches."""
+    import ray.data
+
+    path = Path(path).absolute()
+    columns = table_columns(path)
+    if is_parquet(path):
+        return ray.data.read_parquet(str(path), columns=columns, file_extensions=None)
+    return ray.data.read_csv(str(path), file_extensions=None, **csv_options(columns))
+
+
+def normalise(batch: pa.Table) -> pd.DataFrame:
+    """A raw batch as every stage sees it: path and text as str (a null is "", bytes that are
+    not UTF-8 become U+FFFD so that their row can be rejected); metadata columns as they were
+    stored (`read_metadata` parses them)."""
+    columns = {}
+    for name in batch.column_names:
+        values = batch.column(name)
+        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            values = _decode(values)
+        if name in REQUIRED_COLUMNS:
+            values = pc.fill_null(values.cast(pa.string()) if not pa.types.is_string(values.type) else values, "")
+        columns[name] = values.to_pandas()
+    return pd.DataFrame(columns)
+
+
+def _decode(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Bytes as UTF-8 text; a batch with invalid bytes is decoded value by value, replacing them."""
+    try:
+        return values.cast(pa.string())
+    except pa.ArrowInvalid:
+        decoded = [None if v is None else v.decode("utf-8", errors="replace") for v in values.to_pylist()]
+        return pa.chunked_array([pa.array(decoded, type=pa.string())])
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """The whole table on this process (small tables: `sora demo-eval`, tests); a missing file or
+    required column fails at once, naming it. Rows are numbered from 0 in file order."""
+    frames = list(iter_table(path))
+    if not frames:
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in table_columns(path)})
+    return pd.concat(frames, ignore_index=True)
 
 
 def read_metadata(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
@@ -70,6 +164,16 @@ def read_metadata(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
         columns[name] = values if name == "fps" else values.round().astype("Int64")
     metadata = pd.DataFrame(columns, index=table.index)
     return metadata, metadata[list(SIZE_COLUMNS)].notna().all(axis=1)
+
+
+def row_problems(paths: pd.Series, texts: pd.Series) -> list[tuple[pd.Series, str]]:
+    """Rows no file can make usable, with the reason (`sora preprocess` and `sora bucket-report`
+    reject them alike): no path, no caption, caption bytes that were not UTF-8."""
+    return [
+        (paths.str.strip() == "", "empty path"),
+        (texts.str.strip() == "", "empty caption"),
+        (texts.str.contains("\ufffd", regex=False), "undecodable text (not UTF-8)"),
+    ]
 
 
 def resolve_paths(paths: pd.Series, table_path: str | Path, root: str | None) -> list[Path]:

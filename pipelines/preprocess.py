@@ -56,7 +56,7 @@ from pipelines.cache import (
 )
 from pipelines.cluster import connect
 from pipelines.config import ConfigError, TrainConfig
-from pipelines.dataset import METADATA_COLUMNS, read_metadata, read_table, resolve_paths, sample_id
+from pipelines.dataset import METADATA_COLUMNS, read_metadata, read_table, resolve_paths, row_problems, sample_id
 from pipelines.media import DecodeError, frame_indices, read_frames, resize_crop
 from pipelines.models import load_text_encoder, load_vae
 from pipelines.probe import ProbeError, probe
@@ -575,9 +575,7 @@ def _keys(frame: pd.DataFrame, config: TrainConfig, parts: dict[str, str]) -> No
 def _validate(frame: pd.DataFrame) -> None:
     """Rows that cannot be used whatever their file holds: no path, no caption, bad text, duplicates."""
     checks = [
-        (frame[cache.PATH].str.strip() == "", "empty path"),
-        (frame[cache.TEXT].str.strip() == "", "empty caption"),
-        (frame[cache.TEXT].str.contains("\ufffd", regex=False), "undecodable text (not UTF-8)"),
+        *row_problems(frame[cache.PATH], frame[cache.TEXT]),
         (frame[cache.ID].duplicated(), "duplicate row (same path and caption)"),
     ]
     for mask, reason in checks:
