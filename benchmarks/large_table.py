@@ -9,12 +9,15 @@ that reports its own peak resident memory (ru_maxrss):
   large one too with `--whole-on-large`;
 - here: `report_from_table` streaming the table in batches in the command's own process;
 - ray: `report_from_table` with Ray Data tasks reading and bucketing the table (a local
-  instance); the figure is the driver's (the command's) process.
+  instance); the figure is the driver's (the command's) process;
+- with `--plan`, `sora preprocess`'s planning on the smaller table (read, validate, stat
+  every file, bucket, plan shards and keys, write probe.arrow): it does not stream yet, so
+  its memory per row is what a table larger than memory would need.
 
 All three must give the same report on the same table (checked). Printed: rows, seconds,
 rows/s, peak MB, and rows/s and memory relative to `whole`.
 
-    python benchmarks/large_table.py [--rows 10000000] [--whole-rows 1000000] [--format parquet]
+    python benchmarks/large_table.py [--rows 10000000] [--whole-rows 1000000] [--format parquet] [--plan]
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def run_variant(variant: str, table: str) -> None:
 
     config = load_config(CONFIG, "train")
     start = time.perf_counter()
+    if variant == "preprocess-plan":
+        print(MARK + json.dumps(plan_preprocess(Path(table), config, start)))
+        return
     if variant == "whole":
         report = tally_rows(read_table(table), Path(table).absolute(), config).report()
     else:
@@ -92,6 +98,23 @@ def run_variant(variant: str, table: str) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
     digest = hashlib.sha256(format_report(report).encode()).hexdigest()[:16]
     print(MARK + json.dumps({"rows": report.rows_in, "seconds": seconds, "peak_mb": peak_mb, "report": digest}))
+
+
+def plan_preprocess(table: Path, config, start: float) -> dict:
+    """`sora preprocess` up to its encoding: read the table, validate, bucket, plan the shards and
+    the encoding keys, write probe.arrow (into a scratch cache beside the table)."""
+    from pipelines import cache, preprocess
+    from pipelines.dataset import read_table
+    from pipelines.reuse import Encodings
+
+    frame = read_table(table)
+    parts = cache.fingerprint(config, preprocess._input_digest(frame, None))
+    store = cache.Store(table.parent / "scratch-cache")
+    stats = preprocess.Reuse()
+    plan = preprocess._load_or_probe(store, "plan", frame, table, config, None, Encodings(), parts, stats)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rows": len(plan), "seconds": seconds, "peak_mb": peak_mb, "report": "-"}
 
 
 def measure(variant: str, table: Path) -> dict:
@@ -110,7 +133,8 @@ def main() -> None:
     parser.add_argument("--whole-rows", type=int, default=1_000_000, help="rows of the table read whole")
     parser.add_argument("--whole-on-large", action="store_true", help="also read the large table whole")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
-    parser.add_argument("--variant", choices=["whole", "here", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--plan", action="store_true", help="also time sora preprocess's planning (whole-rows table)")
+    parser.add_argument("--variant", choices=["whole", "here", "ray", "preprocess-plan"], help=argparse.SUPPRESS)
     parser.add_argument("table", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -123,6 +147,8 @@ def main() -> None:
         write_table(large, args.rows)
         runs = [(f"whole, {args.whole_rows:,} rows", "whole", small)]
         runs += [(f"{variant}, {args.whole_rows:,} rows", variant, small) for variant in ("here", "ray")]
+        if args.plan:
+            runs.append((f"preprocess plan, {args.whole_rows:,}", "preprocess-plan", small))
         if args.whole_on_large:
             runs.append((f"whole, {args.rows:,} rows", "whole", large))
         runs += [(f"{variant}, {args.rows:,} rows", variant, large) for variant in ("here", "ray")]
@@ -131,7 +157,7 @@ def main() -> None:
 
     base = results[0][1]
     base_speed = base["rows"] / base["seconds"]
-    same = {r["report"] for name, r in results if str(f"{args.whole_rows:,}") in name}
+    same = {r["report"] for name, r in results if f"{args.whole_rows:,} rows" in name}
     print(f"{args.format} tables: {sizes['small'] / 2**20:,.0f} MB and {sizes['large'] / 2**20:,.0f} MB on disk")
     print(f"{'variant':<26} {'seconds':>8} {'rows/s':>11} {'x whole':>8} {'peak MB':>8} {'x whole':>8}")
     for name, r in results:
