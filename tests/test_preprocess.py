@@ -381,3 +381,44 @@ def test_metadata_junk_is_missing_and_probed(tmp_path):
     assert metadata["height"].tolist() == [144] * 5  # 143.5 rounds half to even: 144
     assert known.tolist() == [True, False, False, False, False]
     assert metadata["fps"].isna().all()  # no fps column: missing, not zero
+
+
+def test_shard_plan_is_per_bucket_rows_sorted_by_id_rows_per_shard_each():
+    """`_assign` on whole columns: each kept row gets its bucket's target size and a shard
+    `<bucket>/part-NNNNN` where rows are numbered in id order within the bucket; rows no
+    bucket takes are rejected at the bucketing stage with the reason; rejected rows stay."""
+    from bucketing.assign import assign_bucket, sample_key
+    from pipelines import preprocess
+    from pipelines.config import load_config
+
+    config = load_config("configs/debug/train.py", "train", {"preprocess.rows_per_shard": 3})
+    rng = np.random.default_rng(1)
+    count = 60
+    frame = pd.DataFrame({ID: [f"{value:08x}" for value in rng.permutation(10**6)[:count]]})
+    frame[preprocess.SRC_NUM_FRAMES] = rng.choice([1, 3, 20, 40, 80], count)
+    frame[preprocess.SRC_HEIGHT] = rng.choice([8, 144, 240, 480], count)
+    frame[preprocess.SRC_WIDTH] = rng.choice([8, 256, 426, 480], count)
+    for column in preprocess.REJECT_COLUMNS:
+        frame[column] = None
+    frame.loc[::7, list(preprocess.REJECT_COLUMNS)] = ["validate", "empty path", ""]
+    preprocess._assign(frame, config)
+
+    by_bucket: dict[str, list[tuple[str, str]]] = {}
+    for row in frame.itertuples(index=False):
+        row = row._asdict()
+        if row["reject_stage"] == "validate":
+            assert row["bucket"] is None and row["shard"] is None
+            continue
+        expected = assign_bucket(
+            config.buckets, row[preprocess.SRC_NUM_FRAMES], row[preprocess.SRC_HEIGHT],
+            row[preprocess.SRC_WIDTH], sample_key(row[ID]), config.seed,
+        )  # fmt: skip
+        if row["shard"] is None:
+            assert row["reject_stage"] == "bucket" and row["reject_reason"] == expected.description
+            continue
+        assert (row["bucket"], row["height"], row["width"]) == (expected.name, expected.height, expected.width)
+        by_bucket.setdefault(row["bucket"], []).append((row[ID], row["shard"]))
+    assert len(by_bucket) >= 2
+    for name, rows in by_bucket.items():
+        shards = [shard for _id, shard in sorted(rows)]
+        assert shards == [f"{name}/part-{i // 3:05d}" for i in range(len(rows))]
