@@ -4,9 +4,10 @@ A synthetic Parquet (or CSV) table with metadata columns (nothing to probe) and 
 captions is bucketed under the seed's mixed bucket_config three ways, each in a fresh process
 that reports its own peak resident memory (ru_maxrss):
 
-- whole: the table read into pandas at once and bucketed in one go (how `sora bucket-report`
-  read tables before it streamed them), on the smaller table (`--whole-rows`), and on the
-  large one too with `--whole-on-large`;
+- whole: the table read into one pandas frame (`read_table`: the same pyarrow reader, its
+  batches concatenated) and bucketed in one go, as `sora bucket-report` did before it
+  streamed (its reader then was pandas' own), on the smaller table (`--whole-rows`), and on
+  the large one too with `--whole-on-large`;
 - here: `report_from_table` streaming the table in batches in the command's own process;
 - ray: `report_from_table` with Ray Data tasks reading and bucketing the table (a local
   instance); the figure is the driver's (the command's) process;

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +62,8 @@ def report_from_table(
     `address` names a cluster, or `on_ray`) is read and tallied by Ray Data tasks in the
     cluster: this process then holds the tallies only. Either way the report is the same."""
     table_path = Path(table_path).absolute()  # workers resolve relative file paths against it
+    if config.root:  # and against root: the driver's, not a worker's working directory
+        config = dataclasses.replace(config, root=str(Path(config.root).absolute()))
     table_columns(table_path)  # a missing file or column fails here, before Ray starts
     if on_ray is None:
         on_ray = address is not None or table_path.stat().st_size > IN_PROCESS_BYTES
@@ -126,26 +130,45 @@ def _tallies_on_ray(table_path: Path, config: TrainConfig, progress: bool, addre
                     batch_rows: int) -> Iterator[str]:  # fmt: skip
     """Each batch's tally, in row order, computed where Ray Data reads the table."""
     from ray.data import DataContext
+    from ray.exceptions import RayError
 
     connect(address, local_cpus=os.cpu_count() or 1)
     context = DataContext.get_current()
+    before = context.execution_options.preserve_order, context.enable_progress_bars
     context.execution_options.preserve_order = True  # tallies merge in row order: the same examples every run
     context.enable_progress_bars = progress
-    tallies = table_source(table_path).map_batches(
-        _tally_batch, fn_kwargs={"table_path": table_path, "config": config},
-        batch_format="pyarrow", batch_size=batch_rows,
-    )  # fmt: skip
     try:
+        tallies = table_source(table_path).map_batches(
+            _tally_batch, fn_kwargs={"table_path": table_path, "config": config},
+            batch_format="pyarrow", batch_size=batch_rows,
+        )  # fmt: skip
         for row in tallies.iter_rows():
             yield row["tally"]
-    except (pa.ArrowException, OSError, ValueError) as error:  # a task's error carries its cause's type
-        raise ConfigError(f"cannot read {table_path}: {_first_line(error)}") from None
+    except (pa.ArrowException, OSError, ValueError, RayError) as error:  # a task's error, its cause inside
+        cause = _cause(error)
+    else:
+        return
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = before
+    if "Failed to read" in cause:  # Ray's reader drops pyarrow's words (which row, what is wrong): read it here
+        for _ in iter_table(table_path):  # raises ConfigError with them; streaming, so memory stays bounded
+            pass
+    raise ConfigError(f"cannot read {table_path}: {cause}")
 
 
-def _first_line(error: Exception) -> str:
-    """The cause of a task's error, without Ray's traceback of the task."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+def _cause(error: BaseException) -> str:
+    """What went wrong in a task, from the errors Ray wraps around it: the reader's own words
+    (an `ArrowInvalid: ...` line) when some error of the chain has them, else the last
+    `SomethingError: ...` line."""
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        texts.append(f"{type(error).__name__}: {error}")
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Invalid|Exception)\b.*: ", line)]
+    arrow = [line for line in causes if "Arrow" in line]
+    return (arrow or causes or lines)[-1]
 
 
 def _tally_batch(batch: pa.Table, table_path: Path, config: TrainConfig) -> dict[str, list[str]]:

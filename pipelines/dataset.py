@@ -8,7 +8,6 @@ read whole on the driver and a table streamed through a cluster are read alike.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,9 +50,10 @@ def table_columns(path: str | Path) -> list[str]:
     try:
         if is_parquet(path):
             names = pq.read_schema(path).names
-        else:
-            with path.open(encoding="utf-8", errors="replace", newline="") as file:
-                names = next(csv.reader(file), [])
+        else:  # pyarrow's own reading of the header: a BOM, blank lines, .csv.gz and the like as the rows are read
+            options = csv_options([])
+            reader = pacsv.open_csv(path, read_options=options["read_options"], parse_options=options["parse_options"])
+            names = reader.schema.names
     except Exception as error:  # pyarrow raises many types for a malformed file
         raise ConfigError(f"cannot read {path}: {error}") from None
     missing = [column for column in REQUIRED_COLUMNS if column not in names]
@@ -98,8 +98,10 @@ def iter_table(path: str | Path, batch_rows: int = BATCH_ROWS) -> Iterator[pd.Da
 def _parquet_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
     """A row group at a time, each through a reader of its own: one reader over the whole file
     keeps memory growing with the rows read (about 8 MB per million here)."""
-    for group in range(pq.ParquetFile(path).num_row_groups):
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns, row_groups=[group])
+    metadata = pq.read_metadata(path)  # the footer, read once
+    for group in range(metadata.num_row_groups):
+        reader = pq.ParquetFile(path, metadata=metadata)
+        yield from reader.iter_batches(batch_size=batch_rows, columns=columns, row_groups=[group])
 
 
 def table_source(path: str | Path):

@@ -617,6 +617,8 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
     _codes, first, which = np.unique(codes, return_index=True, return_inverse=True)
     buckets = [assignments.bucket(int(slot)) for slot in np.flatnonzero(kept)[first]]
     rows = ok[kept]
+    for column in (BUCKET, cache.RESOLUTION, cache.ASPECT, SHARD, cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH):
+        frame[column] = None  # the columns in probe.arrow's order; filled below
     fields = {
         BUCKET: ("name", None),
         cache.RESOLUTION: ("resolution", None),

@@ -62,13 +62,22 @@ def test_a_streamed_report_is_the_report_of_the_whole_table(tmp_path, mixed_tabl
     assert {"empty path", "empty caption", "could not be probed: file not found"} <= reasons
 
 
-def test_ray_data_tasks_give_the_same_report(tmp_path, mixed_table, config):
+def test_ray_data_tasks_give_the_same_report(tmp_path, mixed_table, config, monkeypatch):
     import ray
+    from ray.data import DataContext
 
+    monkeypatch.setattr("pipelines.dataset.CSV_BLOCK_BYTES", 256)  # many read blocks, so order matters
     table_path = tmp_path / "mixed.csv"
     mixed_table.to_csv(table_path, index=False)
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text(table_path.read_text() + "late.mp4,a row with,one cell,too many,1,2,3,4\n")
+    context = DataContext.get_current()
+    before = context.execution_options.preserve_order
     try:
         on_ray = report_to_dict(report_from_table(table_path, config, progress=False, on_ray=True, batch_rows=5))
+        with pytest.raises(ConfigError, match=f"cannot read {ragged}: .*Expected 6 columns, got 8"):
+            report_from_table(ragged, config, progress=False, on_ray=True)  # found by a task, far into the file
+        assert context.execution_options.preserve_order == before  # Ray Data's settings are left as they were
     finally:
         ray.shutdown()
     assert on_ray == whole_report(table_path, config)
@@ -114,3 +123,26 @@ def test_a_table_without_rows_reads_as_no_rows(tmp_path):
     table_path.write_text("path,text,num_frames\n")
     assert sum(len(frame) for frame in iter_table(table_path)) == 0
     assert read_table(table_path).columns.tolist() == ["path", "text", "num_frames"] and read_table(table_path).empty
+
+
+def test_the_reader_reads_what_pandas_reads(tmp_path, mixed_table):
+    """Against pandas' reading of the same files (what `read_table` was before it streamed): the
+    same paths, captions and metadata, however the CSV is dressed (a BOM, a blank first line,
+    gzip) or the Parquet typed."""
+    from pipelines.dataset import read_metadata
+
+    plain = tmp_path / "plain.csv"
+    mixed_table.to_csv(plain, index=False)
+    dressed = tmp_path / "dressed.csv"
+    dressed.write_bytes(b"\xef\xbb\xbf\n" + plain.read_bytes())
+    zipped = tmp_path / "zipped.csv.gz"
+    mixed_table.to_csv(zipped, index=False)
+    parquet = tmp_path / "typed.parquet"
+    mixed_table.astype({"path": "category"}).to_parquet(parquet)
+    expected = pd.read_csv(plain, dtype={"path": str, "text": str}, keep_default_na=False)
+    for table_path in (plain, dressed, zipped, parquet):
+        table = read_table(table_path)
+        assert table["path"].tolist() == expected["path"].tolist(), table_path
+        assert table["text"].tolist() == expected["text"].tolist(), table_path
+        ours, theirs = read_metadata(table)[0], read_metadata(expected)[0]
+        pd.testing.assert_frame_equal(ours, theirs, check_dtype=False)
