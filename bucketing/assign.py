@@ -96,14 +96,27 @@ class Assignments:
         """The bucket of one row, or why it has none."""
         if self.reason[row] != Drop.KEPT:
             return Drop(int(self.reason[row]))
-        entry = self.config.resolutions[self.resolution[row]]
-        num_frames = int(self.num_frames[row])
-        key = list(entry.resolution.table)[self.aspect[row]]
-        height, width = entry.resolution.table[key]
-        frame_bucket = entry.frame_bucket(num_frames)
-        return Bucket(
-            entry.resolution.name, num_frames, key, height, width, frame_bucket.batch_size, frame_bucket.search
+        return bucket_of_code(self.config, int(self.codes()[row]))
+
+    def codes(self) -> np.ndarray:
+        """One int64 per row naming its (resolution, T, aspect), so that grouping rows by bucket
+        is one np.unique (-1 for a dropped row); `bucket_of_code` turns a code back into its Bucket."""
+        codes = (
+            self.resolution.astype(np.int64) << 40
+            | self.num_frames.astype(np.int64) << 16
+            | self.aspect.astype(np.int64) & 0xFFFF
         )
+        return np.where(self.reason == Drop.KEPT, codes, -1)
+
+
+def bucket_of_code(config: BucketConfig, code: int) -> Bucket:
+    """The bucket an `Assignments.codes` value names."""
+    entry = config.resolutions[code >> 40]
+    num_frames = (code >> 16) & 0xFFFFFF
+    key = list(entry.resolution.table)[code & 0xFFFF]
+    height, width = entry.resolution.table[key]
+    frame_bucket = entry.frame_bucket(num_frames)
+    return Bucket(entry.resolution.name, num_frames, key, height, width, frame_bucket.batch_size, frame_bucket.search)
 
 
 def sample_key(sample_id: str) -> int:

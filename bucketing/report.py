@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bucketing.assign import Assignments, Bucket, Drop
+from bucketing.assign import Assignments, Bucket, Drop, bucket_of_code
 from bucketing.config import BucketConfig
 
 # Latent tokens of a T x H x W sample: VAE stride 8 and patch 2 make 16 x 16 pixels a token.
@@ -82,23 +82,16 @@ class Tally:
     whole table (the same as tallying it at once), with memory for counts and examples only."""
 
     config: BucketConfig
-    kept: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (resolution, T, aspect) -> samples
+    kept: dict[int, int] = field(default_factory=dict)  # bucket code (Assignments.codes) -> samples
     drops: dict[str, list] = field(default_factory=dict)  # reason -> [count, examples]
     rows_in: int = 0
 
     def add(self, assignments: Assignments, names: Sequence[str]) -> None:
         """Count assigned rows (`names[i]` names row i in the examples of its drop reason)."""
         self.rows_in += len(assignments)
-        kept_rows = np.flatnonzero(assignments.reason == Drop.KEPT)
-        # One integer per (resolution, T, aspect) so that grouping is a single np.unique.
-        codes = (
-            assignments.resolution[kept_rows].astype(np.int64) << 40
-            | assignments.num_frames[kept_rows].astype(np.int64) << 16
-            | assignments.aspect[kept_rows].astype(np.int64)
-        )
-        for code, count in zip(*np.unique(codes, return_counts=True), strict=True):
-            key = (int(code) >> 40, (int(code) >> 16) & 0xFFFFFF, int(code) & 0xFFFF)
-            self.kept[key] = self.kept.get(key, 0) + int(count)
+        codes = assignments.codes()
+        for code, count in zip(*np.unique(codes[codes >= 0], return_counts=True), strict=True):
+            self.kept[int(code)] = self.kept.get(int(code), 0) + int(count)
         for reason in Drop:
             where = np.flatnonzero(assignments.reason == reason) if reason != Drop.KEPT else ()
             if len(where):
@@ -124,23 +117,18 @@ class Tally:
             self._drop(reason, count, examples)
 
     def to_json(self) -> str:
-        kept = [[*key, count] for key, count in self.kept.items()]
+        kept = [[code, count] for code, count in self.kept.items()]
         return json.dumps({"rows_in": self.rows_in, "kept": kept, "drops": self.drops})
 
     @classmethod
     def from_json(cls, config: BucketConfig, text: str) -> Tally:
         data = json.loads(text)
-        kept = {(r, t, a): count for r, t, a, count in data["kept"]}
+        kept = {code: count for code, count in data["kept"]}
         return cls(config, kept, data["drops"], data["rows_in"])
 
     def report(self) -> Report:
         keys = sorted(self.kept)
-        one = np.zeros(1, dtype=np.int8)
-        buckets = [
-            Assignments(self.config, np.array([r], np.int16), np.array([t], np.int32), np.array([a], np.int16), one)
-            .bucket(0)
-            for r, t, a in keys
-        ]  # fmt: skip
+        buckets = [bucket_of_code(self.config, code) for code in keys]
         counts = [self.kept[key] for key in keys]
         compute = [tokens_per_sample(bucket) * count for bucket, count in zip(buckets, counts, strict=True)]
         total_compute = sum(compute) or 1

@@ -150,25 +150,19 @@ def _tallies_on_ray(table_path: Path, config: TrainConfig, progress: bool, addre
         return
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = before
-    if "Failed to read" in cause:  # Ray's reader drops pyarrow's words (which row, what is wrong): read it here
-        for _ in iter_table(table_path):  # raises ConfigError with them; streaming, so memory stays bounded
-            pass
+    # Ray's CSV reader drops pyarrow's words (which row, what is wrong): reading the table here,
+    # streaming, raises the ConfigError with them; when it reads, the fault was Ray's or a task's.
+    for _ in iter_table(table_path):
+        pass
     raise ConfigError(f"cannot read {table_path}: {cause}")
 
 
 def _cause(error: BaseException) -> str:
-    """What went wrong in a task, from the errors Ray wraps around it: the reader's own words
-    (an `ArrowInvalid: ...` line) when some error of the chain has them, else the last
+    """What went wrong in a task, from the traceback Ray wraps around it: its last
     `SomethingError: ...` line."""
-    texts, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        texts.append(f"{type(error).__name__}: {error}")
-        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     causes = [line for line in lines if re.match(r"^[\w.]*(Error|Invalid|Exception)\b.*: ", line)]
-    arrow = [line for line in causes if "Arrow" in line]
-    return (arrow or causes or lines)[-1]
+    return (causes or lines or [type(error).__name__])[-1]
 
 
 def _tally_batch(batch: pa.Table, table_path: Path, config: TrainConfig) -> dict[str, list[str]]:

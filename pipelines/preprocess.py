@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from bucketing.assign import Drop, assign_buckets, sample_keys
+from bucketing.assign import Drop, assign_buckets, bucket_of_code, sample_keys
 from pipelines import cache
 from pipelines.cache import (
     BUCKET,
@@ -608,14 +608,8 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
         config.seed,
     )
     kept = assignments.reason == Drop.KEPT
-    # Each distinct bucket once: one code per (resolution, T, aspect), as the report groups them.
-    codes = (
-        assignments.resolution[kept].astype(np.int64) << 40
-        | assignments.num_frames[kept].astype(np.int64) << 16
-        | assignments.aspect[kept].astype(np.int64)
-    )
-    _codes, first, which = np.unique(codes, return_index=True, return_inverse=True)
-    buckets = [assignments.bucket(int(slot)) for slot in np.flatnonzero(kept)[first]]
+    codes, which = np.unique(assignments.codes()[kept], return_inverse=True)  # each distinct bucket once
+    buckets = [bucket_of_code(config.buckets, int(code)) for code in codes]
     rows = ok[kept]
     for column in (BUCKET, cache.RESOLUTION, cache.ASPECT, SHARD, cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH):
         frame[column] = None  # the columns in probe.arrow's order; filled below
