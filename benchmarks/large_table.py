@@ -11,9 +11,9 @@ that reports its own peak resident memory (ru_maxrss):
 - here: `report_from_table` streaming the table in batches in the command's own process;
 - ray: `report_from_table` with Ray Data tasks reading and bucketing the table (a local
   instance); the figure is the driver's (the command's) process;
-- with `--plan`, `sora preprocess`'s planning on the smaller table (read, validate, stat
-  every file, bucket, plan shards and keys, write probe.arrow): it does not stream yet, so
-  its memory per row is what a table larger than memory would need.
+- with `--plan`, `sora preprocess`'s planning on both tables (read, validate, stat every
+  file, find repeated rows, bucket, plan shards and keys, write probe.arrow), streamed like
+  the report, with its whole-table steps on ids spilled to disk.
 
 All three must give the same report on the same table (checked). Printed: rows, seconds,
 rows/s, peak MB, and rows/s and memory relative to `whole`.
@@ -98,24 +98,35 @@ def run_variant(variant: str, table: str) -> None:
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
     digest = hashlib.sha256(format_report(report).encode()).hexdigest()[:16]
-    print(MARK + json.dumps({"rows": report.rows_in, "seconds": seconds, "peak_mb": peak_mb, "report": digest}))
+    kept = {row.bucket.name: row.samples for row in report.buckets if row.samples}
+    print(MARK + json.dumps({"rows": report.rows_in, "seconds": seconds, "peak_mb": peak_mb, "report": digest,
+                             "kept": kept}))  # fmt: skip
 
 
 def plan_preprocess(table: Path, config, start: float) -> dict:
-    """`sora preprocess` up to its encoding: read the table, validate, bucket, plan the shards and
-    the encoding keys, write probe.arrow (into a scratch cache beside the table)."""
+    """`sora preprocess` up to its encoding: digest the table, then read it again to validate,
+    bucket, plan the shards and the encoding keys and write probe.arrow (into a scratch cache
+    beside the table). The result names the rows kept per bucket, to compare with the report."""
     from pipelines import cache, preprocess
-    from pipelines.dataset import read_table
+    from pipelines.dataset import iter_table, table_columns
     from pipelines.reuse import Encodings
 
-    frame = read_table(table)
-    parts = cache.fingerprint(config, preprocess._input_digest(frame, None))
+    columns = table_columns(table)
+    parts = cache.fingerprint(config, preprocess._input_digest(iter_table(table), columns, None))
     store = cache.Store(table.parent / "scratch-cache")
-    stats = preprocess.Reuse()
-    plan = preprocess._load_or_probe(store, "plan", frame, table, config, None, Encodings(), parts, stats)
+    with tempfile.TemporaryDirectory(dir=table.parent) as scratch:
+        preprocess._plan(store, "plan", table, columns, config, None, Encodings(), parts, preprocess.Reuse(),
+                         Path(scratch))  # fmt: skip
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": len(plan), "seconds": seconds, "peak_mb": peak_mb, "report": "-"}
+    rows, kept = 0, {}
+    for batch in store.iter_batches("plan/probe.arrow"):
+        rows += batch.num_rows
+        for found in batch.column("bucket").value_counts().to_pylist():
+            if found["values"] is not None:
+                kept[found["values"]] = kept.get(found["values"], 0) + found["counts"]
+    store.delete_dir("plan")
+    return {"rows": rows, "seconds": seconds, "peak_mb": peak_mb, "report": "-", "kept": kept}
 
 
 def measure(variant: str, table: Path) -> dict:
@@ -153,6 +164,8 @@ def main() -> None:
         if args.whole_on_large:
             runs.append((f"whole, {args.rows:,} rows", "whole", large))
         runs += [(f"{variant}, {args.rows:,} rows", variant, large) for variant in ("here", "ray")]
+        if args.plan:
+            runs.append((f"preprocess plan, {args.rows:,}", "preprocess-plan", large))
         results = [(name, measure(variant, table)) for name, variant, table in runs]
         sizes = {"small": small.stat().st_size, "large": large.stat().st_size}
 
@@ -168,6 +181,10 @@ def main() -> None:
             f"{r['peak_mb']:>8,.0f} {r['peak_mb'] / base['peak_mb']:>8.2f}"
         )
     print(f"same report from every variant on the {args.whole_rows:,}-row table: {len(same) == 1}")
+    for rows in (args.whole_rows, args.rows):
+        kept = [r["kept"] for name, r in results if name.endswith(f"{rows:,} rows") or name.endswith(f"{rows:,}")]
+        print(f"same rows per bucket from the report and the preprocess plan, {rows:,} rows: "
+              f"{all(k == kept[0] for k in kept)}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -206,6 +206,28 @@ class Store:
         with self.fs.open_input_file(self.path(relative)) as source:
             return ipc.open_file(source).read_all()
 
+    def iter_batches(self, relative: str) -> Iterator[pa.RecordBatch]:
+        """An Arrow IPC file a record batch at a time (a table larger than memory)."""
+        with self.fs.open_input_file(self.path(relative)) as source:
+            reader = ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                yield reader.get_batch(index)
+
+    def count_rows(self, relative: str) -> int:
+        """Rows of an Arrow IPC file."""
+        with self.fs.open_input_file(self.path(relative)) as source:
+            return ipc.open_file(source).count_rows()
+
+    def write_batches(self, relative: str, schema: pa.Schema, tables: Iterator[pa.Table]) -> None:
+        """An Arrow IPC file written as `tables` come (memory: one of them), atomically like every file."""
+
+        def write(sink) -> None:
+            with ipc.new_file(sink, schema) as writer:
+                for table in tables:
+                    writer.write_table(table)
+
+        self._write(relative, write)
+
     def write_json(self, relative: str, data: dict) -> None:
         self._write(relative, lambda sink: sink.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
 

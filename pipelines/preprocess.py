@@ -21,13 +21,16 @@ byte what a clean build writes. Readers keep the current version until the manif
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
 from bucketing.assign import Drop, assign_buckets, bucket_of_code, sample_keys
 from pipelines import cache
@@ -56,7 +63,17 @@ from pipelines.cache import (
 )
 from pipelines.cluster import connect
 from pipelines.config import ConfigError, TrainConfig
-from pipelines.dataset import METADATA_COLUMNS, read_metadata, read_table, resolve_paths, row_problems, sample_id
+from pipelines.dataset import (
+    BATCH_ROWS,
+    METADATA_COLUMNS,
+    is_parquet,
+    iter_table,
+    read_metadata,
+    resolve_paths,
+    row_problems,
+    sample_id,
+    table_columns,
+)
 from pipelines.media import DecodeError, frame_indices, read_frames, resize_crop
 from pipelines.models import load_text_encoder, load_vae
 from pipelines.probe import ProbeError, probe
@@ -72,9 +89,10 @@ from pipelines.reuse import (
     source_identity,
     text_key,
 )
+from pipelines.spill import Spill, open_stream, partition_count
 from sora_model.loading import torch_dtype
 
-# Stages named in rejects.arrow.
+SCRATCH_DIR = "scratch"  # <cache>/.work/<id>/scratch: the run's spill files
 FILE = "file"  # a working column: the path resolved for this machine; never written
 SOURCE_SIZE = [SRC_NUM_FRAMES, SRC_HEIGHT, SRC_WIDTH]  # what bucketing needs of each row
 
@@ -401,8 +419,8 @@ def preprocess(
         raise ConfigError("no input table: give DATA.csv (or set data_path in the config)")
     store = cache.Store(cache_dir)
     table_path = Path(config.data_path)
-    table = read_table(table_path)  # fails here, before any work, on a missing column
-    parts = cache.fingerprint(config, _input_digest(table, config.root))
+    columns = table_columns(table_path)  # fails here, before any work, on a missing file or column
+    parts = cache.fingerprint(config, _input_digest(iter_table(table_path), columns, config.root))
     version = cache.version_name(parts)
     current = cache.Cache(store.location) if store.exists(cache.MANIFEST) else None  # refuses older formats
     if current is None and not store.files(cache.WORK_DIR, cache.FINGERPRINT) and not store.is_empty():
@@ -425,20 +443,39 @@ def preprocess(
              "from earlier builds")  # fmt: skip
 
     stats = Reuse()
-    probed = _load_or_probe(store, version, table, table_path, config, address, encodings, parts, stats)
-    plan = probed[probed[SHARD].notna()]
-    done = {shard for shard in plan[SHARD].unique() if store.exists(_shard_path(version, shard))}
-    pending = plan[~plan[SHARD].isin(done)]
-    _log(f"{len(plan)} rows to encode in {plan[SHARD].nunique()} shards; {len(done)} shards already done")
-    timing: dict[str, float] = {}
-    if len(pending):
-        timing = _encode(pending, store, version, config, address, encodings, stats)
+    with _scratch(store, work) as scratch:
+        if not store.exists(f"{version}/{cache.PROBE}"):
+            _plan(store, version, table_path, columns, config, address, encodings, parts, stats, scratch)
+
+        def shards() -> Iterator[tuple[str, pd.DataFrame]]:
+            return _planned_shards(store, version, scratch)
+
+        timing = _encode(shards, store, version, config, address, encodings, stats, scratch)
     _estimate_savings(store, stats, timing)
-    summary = _finish(store, version, probed, parts)
+    summary = _finish(store, version, parts)
     for name, value in timing.items():
         setattr(summary, name, value)
     summary.reuse = stats
     return summary
+
+
+@contextlib.contextmanager
+def _scratch(store: cache.Store, work: str) -> Iterator[Path]:
+    """A folder on local disk for the run's spill files, deleted when the run ends. In the cache's
+    work folder when the cache is a local folder (its disk has room for the cache, and a killed
+    run's leftovers are deleted by the next run, not left in the system's temporary folder, which
+    may be memory); a temporary folder when the cache is at a URI."""
+    if not isinstance(store.fs, pafs.LocalFileSystem):
+        with tempfile.TemporaryDirectory(prefix="sora-preprocess-") as folder:
+            yield Path(folder)
+        return
+    folder = Path(store.path(f"{work}/{SCRATCH_DIR}"))
+    shutil.rmtree(folder, ignore_errors=True)  # a killed run's
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _shard_path(version: str, shard: str) -> str:
@@ -464,14 +501,16 @@ def _remove_other_versions(store: cache.Store, keep: set[str]) -> None:
             store.delete_dir(f"{cache.WORK_DIR}/{relative}")
 
 
-def _input_digest(table: pd.DataFrame, root: str | None) -> str:
+def _input_digest(frames: Iterable[pd.DataFrame], columns: Sequence[str], root: str | None) -> str:
     """What of the input decides the cache's bytes: every row's path, caption and metadata columns
-    (a corrected num_frames re-buckets its row), and `root`, which relative paths resolve against."""
-    columns = ["path", "text", *(column for column in METADATA_COLUMNS if column in table.columns)]
+    (a corrected num_frames re-buckets its row), and `root`, which relative paths resolve against.
+    `frames`: the table's batches in order (`iter_table`), `columns`: the columns it has of those."""
+    columns = ["path", "text", *(column for column in METADATA_COLUMNS if column in columns)]
     digest = hashlib.sha256(f"root={root}\ncolumns={','.join(columns)}\n".encode())
-    values = table[columns].astype(object).where(table[columns].notna(), "").astype(str)
-    for row in values.itertuples(index=False, name=None):
-        digest.update(("\0".join(row) + "\n").encode())
+    for table in frames:
+        values = table[columns].astype(object).where(table[columns].notna(), "").astype(str)
+        for row in values.itertuples(index=False, name=None):
+            digest.update(("\0".join(row) + "\n").encode())
     return digest.hexdigest()[:16]
 
 
@@ -485,6 +524,40 @@ def _connect_and_count_gpus(address: str | None) -> float:
 
 
 PROBE_RESULTS = [*SOURCE_SIZE, SRC_FPS, *REJECT_COLUMNS]
+_TEXT = pa.large_string()
+# The first columns of the plan, as the table's rows are read (a scratch file of the run).
+READ_SCHEMA = pa.schema(
+    [(cache.PATH, _TEXT), (cache.TEXT, _TEXT), (cache.ROW, pa.int64()), (FILE, _TEXT), (SOURCE, _TEXT),
+     (cache.ID, _TEXT), *[(column, _TEXT) for column in REJECT_COLUMNS],
+     *[(column, pa.int64()) for column in SOURCE_SIZE], (SRC_FPS, pa.float64())]
+)  # fmt: skip
+# probe.arrow: every input row with its probe metadata, bucket or drop reason, shard and keys.
+PROBE_SCHEMA = pa.schema(
+    [*[field for field in READ_SCHEMA if field.name != FILE], (PROBED, pa.bool_()), (BUCKET, pa.string()),
+     (cache.RESOLUTION, pa.string()), (cache.ASPECT, pa.string()), (SHARD, pa.string()),
+     (cache.NUM_FRAMES, pa.int64()), (cache.HEIGHT, pa.int64()), (cache.WIDTH, pa.int64()),
+     (cache.LATENT_KEY, _TEXT), (cache.TEXT_KEY, _TEXT)]
+)  # fmt: skip
+ID_SCHEMA = pa.schema([(cache.ID, _TEXT), (cache.ROW, pa.int64())])
+KEPT_SCHEMA = pa.schema([(cache.ID, _TEXT), (cache.ROW, pa.int64()), (BUCKET, pa.string())])
+NUMBER_SCHEMA = pa.schema([(cache.ROW, pa.int64()), ("number", pa.int64())])
+CAPTION_SCHEMA = pa.schema([(cache.TEXT_KEY, _TEXT), (cache.TEXT, _TEXT)])
+
+
+def _to_frame(table: pa.Table) -> pd.DataFrame:
+    """An Arrow table as the job's frames hold it: text as Python str or None (object columns)."""
+    return pd.DataFrame(
+        {
+            name: pd.Series(column.to_pylist(), dtype=object)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            else column.to_pandas()
+            for name, column in zip(table.column_names, table.columns, strict=True)
+        }
+    )
+
+
+def _to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False).replace_schema_metadata(None)
 
 
 def _earlier_probes(encodings: Encodings) -> pd.DataFrame:
@@ -498,37 +571,123 @@ def _earlier_probes(encodings: Encodings) -> pd.DataFrame:
     return earlier.drop_duplicates(SOURCE).set_index(SOURCE)[PROBE_RESULTS]
 
 
-def _load_or_probe(store: cache.Store, version: str, table: pd.DataFrame, table_path: Path, config: TrainConfig,
-                   address, encodings: Encodings, parts: dict[str, str], stats: Reuse) -> pd.DataFrame:  # fmt: skip
-    """Every input row with probe metadata, bucket or drop reason, shard and encoding keys (probe.arrow)."""
-    if store.exists(f"{version}/{cache.PROBE}"):
-        return store.read_table(f"{version}/{cache.PROBE}").to_pandas()
+def _estimated_rows(table_path: Path) -> int:
+    """Rows of the table, for sizing spill files: exact for Parquet, from the size for CSV."""
+    if is_parquet(table_path):
+        return pq.ParquetFile(table_path).metadata.num_rows
+    return table_path.stat().st_size // 64
+
+
+def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str], config: TrainConfig,
+          address: str | None, encodings: Encodings, parts: dict[str, str], stats: Reuse,
+          scratch: Path) -> None:  # fmt: skip
+    """Write probe.arrow: every input row, in the input's order, with its probe metadata, bucket or
+    drop reason, shard and encoding keys.
+
+    The table is never held whole: it is read a batch at a time, and each batch is validated,
+    probed where it lacks metadata, bucketed and keyed on its own. The two steps that need the
+    whole table, which rows repeat an earlier one and the shard plan (per bucket, rows in id
+    order), work on ids spilled to local disk (`pipelines/spill.py`). Memory: a few batches and
+    a spill file, however many rows the table has."""
+    estimate = _estimated_rows(table_path)
+    read, planned = scratch / "read.arrow", scratch / "planned.arrow"
+    ids = Spill(scratch, "ids", ID_SCHEMA, cache.ID, partition_count(estimate))
+    rows = 0
+    with ipc.new_stream(read, READ_SCHEMA) as sink, _progress("read", estimate, is_parquet(table_path)) as bar:
+        for batch in iter_table(table_path):
+            frame = _read_rows(batch, rows, table_path, config)
+            sink.write_table(_to_arrow(frame, READ_SCHEMA))
+            ids.add(frame)
+            rows += len(frame)
+            bar.update(len(frame))
+    repeated = [np.empty(0, np.int64)]  # rows of a path and caption an earlier row has
+    for part in ids.sorted([cache.ID, cache.ROW]):
+        repeated.append(part.column(cache.ROW).to_numpy()[part.to_pandas()[cache.ID].duplicated().to_numpy()])
+    repeated = np.sort(np.concatenate(repeated))
+
+    earlier = _earlier_probes(encodings)
+    kept = Spill(scratch, "kept", KEPT_SCHEMA, cache.ID, partition_count(rows))
+    with open_stream(read) as source, ipc.new_stream(planned, PROBE_SCHEMA) as sink, _progress("plan", rows) as bar:
+        for table in source:
+            frame = _to_frame(pa.Table.from_batches([table]))
+            repeats = np.isin(frame[cache.ROW].to_numpy(), repeated)
+            _reject(frame, repeats, VALIDATE, "duplicate row (same path and caption)")
+            _probe(frame, earlier, config, address, stats)
+            _limit_pixels(frame, config.preprocess.max_pixels_per_frame)
+            _assign(frame, config)
+            _keys(frame, config, parts)
+            sink.write_table(_to_arrow(frame, PROBE_SCHEMA))
+            kept.add(frame[frame[BUCKET].notna()])
+            bar.update(len(frame))
+    read.unlink()
+
+    numbers = _number_shards(kept, rows, config.preprocess.rows_per_shard, scratch)
+
+    def with_shards() -> Iterator[pa.Table]:
+        with open_stream(planned) as source:
+            for table in source:
+                table = pa.Table.from_batches([table])
+                number = numbers(table.column(cache.ROW).to_numpy())
+                bucket = table.column(BUCKET).to_pylist()
+                shard = [None if n < 0 else f"{b}/part-{n:05d}" for b, n in zip(bucket, number.tolist(), strict=True)]
+                yield table.set_column(table.schema.get_field_index(SHARD), SHARD, pa.array(shard, pa.string()))
+
+    store.write_batches(f"{version}/{cache.PROBE}", PROBE_SCHEMA, with_shards())
+    planned.unlink()
+
+
+def _progress(what: str, rows: int, exact: bool = True):
+    """A progress bar on stderr for tables of more than a batch (a small table's plan takes no
+    time); a count without a total when `rows` is only an estimate (a CSV's, from its size)."""
+    return tqdm(total=rows if exact else None, desc=what, unit="row", unit_scale=True, file=sys.stderr,
+                disable=rows <= BATCH_ROWS)  # fmt: skip
+
+
+def _read_rows(batch: pd.DataFrame, first: int, table_path: Path, config: TrainConfig) -> pd.DataFrame:
+    """A batch of the input table (rows `first`...) as the plan's first columns, with the rows no
+    file can make usable rejected and the sizes the table gives (NaN where it gives none)."""
     frame = pd.DataFrame(
         {
-            cache.PATH: table["path"].astype(str),
-            cache.TEXT: table["text"].fillna("").astype(str),
+            cache.PATH: pd.Series(batch["path"].astype(str).tolist(), dtype=object),
+            cache.TEXT: pd.Series(batch["text"].fillna("").astype(str).tolist(), dtype=object),
         }
     )
-    frame[cache.ROW] = np.arange(len(frame))  # the input row, for messages and for merging results back
+    frame[cache.ROW] = np.arange(first, first + len(frame))  # the input row, for messages and for merging results back
     frame[FILE] = [str(p) for p in resolve_paths(frame[cache.PATH], table_path, config.root)]
     frame[SOURCE] = [source_identity(file) for file in frame[FILE]]
     frame[cache.ID] = [sample_id(p, t) for p, t in zip(frame[cache.PATH], frame[cache.TEXT], strict=True)]
     for column in REJECT_COLUMNS:
-        frame[column] = None
-    _validate(frame)
-    metadata, known = read_metadata(table)
+        frame[column] = pd.Series(None, index=frame.index, dtype=object)
+    for mask, reason in row_problems(frame[cache.PATH], frame[cache.TEXT]):
+        _reject(frame, mask.to_numpy(dtype=bool), VALIDATE, reason)
+    metadata, _ = read_metadata(batch)
     for target, source in zip([*SOURCE_SIZE, SRC_FPS], METADATA_COLUMNS, strict=True):
-        frame[target] = metadata[source]
+        frame[target] = metadata[source].astype("float64").to_numpy()
+    return frame
+
+
+def _reject(frame: pd.DataFrame, mask: np.ndarray, stage: str, reason: str) -> None:
+    """Reject the rows of `mask` that nothing rejected before (the first reason stands)."""
+    fresh = mask & frame[REJECT_STAGE].isna().to_numpy()
+    if fresh.any():
+        frame.loc[fresh, list(REJECT_COLUMNS)] = [stage, reason, ""]
+
+
+def _probe(frame: pd.DataFrame, earlier: pd.DataFrame, config: TrainConfig, address: str | None,
+           stats: Reuse) -> None:  # fmt: skip
+    """Sizes and fps of the batch's usable rows the table gives none for: an earlier build's probe
+    of the same file, else a probe in Ray Data; a file that is not there is rejected here."""
+    known = frame[SOURCE_SIZE].notna().all(axis=1)
     frame[SRC_FPS] = frame[SRC_FPS].fillna(0.0)
     unknown = ~known & frame[REJECT_STAGE].isna()
     frame[PROBED] = unknown.to_numpy()
-    earlier = _earlier_probes(encodings)
     again = unknown & frame[SOURCE].isin(earlier.index)
     if again.any():
         frame[PROBE_RESULTS] = frame[PROBE_RESULTS].astype(object)
         frame.loc[again, PROBE_RESULTS] = earlier.loc[frame.loc[again, SOURCE], PROBE_RESULTS].to_numpy()
     to_probe = frame[unknown & ~again].assign(**dict.fromkeys(SOURCE_SIZE, 0), **{SRC_FPS: 0.0})
-    stats.probed, stats.probe_reused = len(to_probe), int(again.sum())
+    stats.probed += len(to_probe)
+    stats.probe_reused += int(again.sum())
     missing = to_probe[SOURCE].str.endswith("|missing")  # rejected here, without starting Ray for them
     results = [probe_batch(to_probe[missing])] if missing.any() else []
     if (~missing).any():
@@ -543,44 +702,29 @@ def _load_or_probe(store: cache.Store, version: str, table: pd.DataFrame, table_
             compute=ray.data.TaskPoolStrategy(size=res.concurrency), num_cpus=res.num_cpus,
         ).to_pandas())  # fmt: skip
     if results:
-        probed = pd.concat(results).sort_values(cache.ROW)
+        probed = pd.concat(results)
         frame[PROBE_RESULTS] = frame[PROBE_RESULTS].astype(object)
-        frame.loc[probed[cache.ROW].to_numpy(), PROBE_RESULTS] = probed[PROBE_RESULTS].to_numpy()
+        where = frame.index[np.searchsorted(frame[cache.ROW].to_numpy(), probed[cache.ROW].to_numpy())]
+        frame.loc[where, PROBE_RESULTS] = probed[PROBE_RESULTS].to_numpy()
     for column in REJECT_COLUMNS:  # one representation: str or None
-        frame[column] = [v if isinstance(v, str) and v else None for v in frame[column]]
+        frame[column] = pd.Series([v if isinstance(v, str) and v else None for v in frame[column]], dtype=object)
     frame[SOURCE_SIZE] = frame[SOURCE_SIZE].fillna(0).astype("int64")
     frame[SRC_FPS] = frame[SRC_FPS].astype("float64")
-    _limit_pixels(frame, config.preprocess.max_pixels_per_frame)
-    _assign(frame, config)
-    _keys(frame, config, parts)
-    frame = frame.drop(columns=[FILE])
-    store.write_table(f"{version}/{cache.PROBE}", pa.Table.from_pandas(frame, preserve_index=False))
-    return frame
 
 
 def _keys(frame: pd.DataFrame, config: TrainConfig, parts: dict[str, str]) -> None:
-    """The keys of the encodings of every row that has a shard (None elsewhere)."""
+    """The keys of the encodings of every row that has a bucket (None elsewhere)."""
     latent, text = [None] * len(frame), [None] * len(frame)
-    columns = [SOURCE, *SOURCE_SIZE, cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH, cache.TEXT, SHARD]
+    columns = [SOURCE, *SOURCE_SIZE, cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH, cache.TEXT, BUCKET]
     for index, row in enumerate(frame[columns].itertuples(index=False, name=None)):
-        source, frames, height, width, bucket_frames, bucket_height, bucket_width, caption, shard = row
-        if shard is None:
+        source, frames, height, width, bucket_frames, bucket_height, bucket_width, caption, bucket = row
+        if bucket is None:
             continue
-        found, bucket = (frames, height, width), (bucket_frames, bucket_height, bucket_width)
-        latent[index] = latent_key(source, found, bucket, config, parts)
+        found, target = (frames, height, width), (bucket_frames, bucket_height, bucket_width)
+        latent[index] = latent_key(source, found, target, config, parts)
         text[index] = text_key(caption, parts)
-    frame[cache.LATENT_KEY], frame[cache.TEXT_KEY] = latent, text
-
-
-def _validate(frame: pd.DataFrame) -> None:
-    """Rows that cannot be used whatever their file holds: no path, no caption, bad text, duplicates."""
-    checks = [
-        *row_problems(frame[cache.PATH], frame[cache.TEXT]),
-        (frame[cache.ID].duplicated(), "duplicate row (same path and caption)"),
-    ]
-    for mask, reason in checks:
-        fresh = mask & frame[REJECT_STAGE].isna()
-        frame.loc[fresh, list(REJECT_COLUMNS)] = [VALIDATE, reason, ""]
+    frame[cache.LATENT_KEY] = pd.Series(latent, index=frame.index, dtype=object)
+    frame[cache.TEXT_KEY] = pd.Series(text, index=frame.index, dtype=object)
 
 
 def _limit_pixels(frame: pd.DataFrame, limit: int) -> None:
@@ -595,8 +739,8 @@ def _limit_pixels(frame: pd.DataFrame, limit: int) -> None:
 
 
 def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
-    """Bucket every probed row; plan shards: per bucket, rows sorted by id, rows_per_shard each.
-    Whole columns at a time: a table of millions of rows is planned in seconds."""
+    """Bucket every usable row of a batch (a row's bucket depends on that row alone); rows no
+    bucket takes are rejected at the bucketing stage with the reason. Whole columns at a time."""
     count = len(frame)
     ok = np.flatnonzero(frame[REJECT_STAGE].isna().to_numpy())
     assignments = assign_buckets(
@@ -611,19 +755,19 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
     codes, which = np.unique(assignments.codes()[kept], return_inverse=True)  # each distinct bucket once
     buckets = [bucket_of_code(config.buckets, int(code)) for code in codes]
     rows = ok[kept]
-    for column in (BUCKET, cache.RESOLUTION, cache.ASPECT, SHARD, cache.NUM_FRAMES, cache.HEIGHT, cache.WIDTH):
-        frame[column] = None  # the columns in probe.arrow's order; filled below
     fields = {
         BUCKET: ("name", None),
         cache.RESOLUTION: ("resolution", None),
         cache.ASPECT: ("aspect", None),
+        SHARD: (None, None),  # numbered once every row is bucketed (`_number_shards`)
         cache.NUM_FRAMES: ("num_frames", 0),
         cache.HEIGHT: ("height", 0),
         cache.WIDTH: ("width", 0),
     }
     for column, (attribute, missing) in fields.items():
         values = np.full(count, missing, dtype=object if missing is None else np.int64)
-        values[rows] = np.array([getattr(bucket, attribute) for bucket in buckets], dtype=values.dtype)[which]
+        if attribute is not None:
+            values[rows] = np.array([getattr(bucket, attribute) for bucket in buckets], dtype=values.dtype)[which]
         frame[column] = pd.Series(values, index=frame.index, dtype=values.dtype)  # object: None stays None
     dropped = ok[~kept]
     if len(dropped):
@@ -633,65 +777,183 @@ def _assign(frame: pd.DataFrame, config: TrainConfig) -> None:
              np.full(len(dropped), "", dtype=object)]
         )  # fmt: skip
 
-    shard = np.full(count, None, dtype=object)
-    plan = pd.DataFrame({"bucket": frame[BUCKET].to_numpy()[rows], "id": frame[cache.ID].to_numpy()[rows], "row": rows})
-    plan = plan.sort_values(["bucket", "id"], kind="stable")
-    part = plan.groupby("bucket", sort=False).cumcount().to_numpy() // config.preprocess.rows_per_shard
-    shard[plan["row"].to_numpy()] = [f"{name}/part-{i:05d}" for name, i in zip(plan["bucket"], part, strict=True)]
-    frame[SHARD] = pd.Series(shard, index=frame.index, dtype=object)
+
+def _number_shards(kept: Spill, rows: int, rows_per_shard: int, scratch: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The shard plan: per bucket, rows in id order, `rows_per_shard` to a shard. `kept`: id, row
+    and bucket of every bucketed row, read back in id order a spill file at a time. Returns the
+    look-up of rows' shard numbers in their bucket (-1: no shard), asked in increasing row order;
+    the numbers wait on disk, by row range."""
+    count = partition_count(rows)
+    span = max(1, -(-rows // count))  # rows per file of numbers
+    numbers = Spill(
+        scratch, "numbers", NUMBER_SCHEMA, cache.ROW, count, where=lambda f: f[cache.ROW].to_numpy() // span
+    )
+    seen: dict[str, int] = {}  # rows of each bucket numbered so far
+    for part in kept.sorted([cache.ID]):
+        part = part.to_pandas()
+        before = part[BUCKET].map(seen).fillna(0).to_numpy(dtype=np.int64)
+        position = before + part.groupby(BUCKET, sort=False).cumcount().to_numpy()
+        numbers.add(pd.DataFrame({cache.ROW: part[cache.ROW], "number": position // rows_per_shard}))
+        for bucket, found in part[BUCKET].value_counts().items():
+            seen[bucket] = seen.get(bucket, 0) + int(found)
+    loaded = {"file": -1, "values": np.empty(0, np.int64)}
+
+    def lookup(asked: np.ndarray) -> np.ndarray:
+        out = np.full(len(asked), -1, dtype=np.int64)
+        for index in np.unique(asked // span):
+            if index != loaded["file"]:  # the next range of rows: its file read once, then deleted
+                values = np.full(span, -1, dtype=np.int64)
+                table = numbers.read(int(index))
+                if table is not None:
+                    values[table.column(cache.ROW).to_numpy() - index * span] = table.column("number").to_numpy()
+                loaded.update(file=index, values=values)
+            inside = asked // span == index
+            out[inside] = loaded["values"][asked[inside] - index * span]
+        return out
+
+    return lookup
+
+
+def _probe_frames(store: cache.Store, version: str) -> Iterator[pd.DataFrame]:
+    """probe.arrow a batch at a time."""
+    for batch in store.iter_batches(f"{version}/{cache.PROBE}"):
+        yield _to_frame(pa.Table.from_batches([batch]))
+
+
+def _planned_shards(store: cache.Store, version: str, scratch: Path) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Every shard of the plan with its rows in id order, a shard at a time, from probe.arrow.
+    Memory: a spill file and one unfinished shard per bucket."""
+    rows = store.count_rows(f"{version}/{cache.PROBE}")
+    spill = Spill(scratch, "shards", PROBE_SCHEMA, cache.ID, partition_count(rows))
+    for frame in _probe_frames(store, version):
+        spill.add(frame[frame[SHARD].notna()])
+    filling: dict[str, tuple[str, list[pd.DataFrame]]] = {}  # bucket -> its shard being gathered, and its rows
+    for part in spill.sorted([cache.ID]):
+        part = _to_frame(part)
+        for (bucket, shard), group in part.groupby([BUCKET, SHARD], sort=False):
+            if bucket in filling and filling[bucket][0] != shard:  # rows come in id order: that shard is whole
+                yield filling[bucket][0], pd.concat(filling.pop(bucket)[1], ignore_index=True)
+            filling.setdefault(bucket, (shard, []))[1].append(group)
+    for shard, groups in filling.values():
+        yield shard, pd.concat(groups, ignore_index=True)
 
 
 TEXT_PART_ROWS = 256  # captions per file of the work folder's caption embeddings
 
 
-def _encode(pending: pd.DataFrame, store: cache.Store, version: str, config: TrainConfig, address: str | None,
-            encodings: Encodings, stats: Reuse) -> dict[str, float]:  # fmt: skip
+def _encode(shards: Callable[[], Iterator[tuple[str, pd.DataFrame]]], store: cache.Store, version: str,
+            config: TrainConfig, address: str | None, encodings: Encodings, stats: Reuse,
+            scratch: Path) -> dict[str, float]:  # fmt: skip
     """Encode what no earlier build has (distinct captions in a thread beside the VAE pipeline)
-    and write the pending shards, each as soon as all its rows are there."""
+    and write the pending shards, each as soon as all its rows are there.
+
+    `shards()` reads the plan a shard at a time; it is read twice: first to count what needs a
+    model (the captions to encode are spilled to disk, to be made distinct), then to hand the
+    pending shards to Ray, whose object store holds them while they wait, not this process."""
     work = f"{cache.WORK_DIR}/{version}"
     for part in store.files(f"{work}/{TEXTS_DIR}", "part-*.arrow"):  # a resumed build's captions
         encodings.add_text_part(store, part)
-    reused_text = pending[cache.TEXT_KEY].isin(encodings.texts)
-    captions = pending[~reused_text].drop_duplicates(cache.TEXT_KEY).sort_values(cache.TEXT_KEY)
-    to_decode = pending[~pending[cache.LATENT_KEY].isin(encodings.latents)]
-    stats.vae_encoded, stats.vae_reused = len(to_decode), len(pending) - len(to_decode)
-    stats.text_encoded, stats.text_reused = len(captions), len(pending) - len(captions)
-    timing = {"encoded_rows": len(to_decode), "encode_wall_seconds": 0.0, "vae_window_seconds": 0.0,
+    finished = {
+        path.removeprefix(f"{version}/{cache.BUCKETS_DIR}/").removesuffix(".arrow")
+        for path in store.files(f"{version}/{cache.BUCKETS_DIR}", "part-*.arrow")
+    }
+    captions = Spill(scratch, "captions", CAPTION_SCHEMA, cache.TEXT_KEY,
+                     partition_count(store.count_rows(f"{version}/{cache.PROBE}")))  # fmt: skip
+    expected, pending_rows = _pending(shards, finished, encodings, captions)
+    to_decode = sum(expected.values())
+    stats.vae_encoded, stats.vae_reused = to_decode, pending_rows - to_decode
+    stats.text_reused = pending_rows
+    timing = {"encoded_rows": to_decode, "encode_wall_seconds": 0.0, "vae_window_seconds": 0.0,
               "vae_seconds": 0.0, "text_seconds": 0.0}  # fmt: skip
-    cluster_gpus = 0.0
-    if len(captions) or len(to_decode):
-        cluster_gpus = _connect_and_count_gpus(address)
-        import ray
+    if not captions.rows and not to_decode:  # every encoding from earlier builds: no model, no Ray
+        for shard, rows in shards():
+            if shard not in finished:
+                _write_shard(store, version, shard, _complete(rows, None, encodings, stats), config.frame_interval)
+        return timing
 
-        _check_resources(config, ray.cluster_resources())
+    cluster_gpus = _connect_and_count_gpus(address)
+    import ray
+
+    _check_resources(config, ray.cluster_resources())
     started = time.perf_counter()
+    parts = _caption_parts(captions, store, work)
+    stats.text_encoded = sum(count for _, _, count in parts)
+    stats.text_reused = pending_rows - stats.text_encoded
     # T5 runs beside the VAE (their actors together fit the cluster: _check_resources); a shard
     # is written once the captions are done, which is long before the VAE is.
-    captioning = _Background(_encode_captions, captions, store, work, config, cluster_gpus, encodings)
-    if len(captions):
+    captioning = _Background(_encode_captions, parts, store, work, config, cluster_gpus, encodings)
+    if parts:
         captioning.start()
-    expected = to_decode.groupby(SHARD).size().to_dict()
-    shards = {shard: rows for shard, rows in pending.groupby(SHARD, sort=True)}
+    held: dict[str, Any] = {}  # pending shard -> its rows, in Ray's object store
+    to_vae = []  # one block per shard: blocks stream through the stages and shards complete in turn
+    for shard, rows in shards():
+        if shard in finished:
+            continue
+        held[shard] = ray.put(rows)
+        if shard in expected:
+            decode = rows[[key not in encodings.latents for key in rows[cache.LATENT_KEY]]]
+            decode = decode.assign(**{FILE: [str(p) for p in resolve_paths(decode[cache.PATH], Path(config.data_path),
+                                                                            config.root)]})  # fmt: skip
+            to_vae.append(ray.put(decode))
 
     def write(shard: str, encoded: pd.DataFrame | None) -> None:
         timing["text_seconds"] = captioning.result(default=0.0)
-        _write_shard(store, version, shard, _complete(shards[shard], encoded, encodings, stats), config.frame_interval)
+        rows = ray.get(held.pop(shard))
+        _write_shard(store, version, shard, _complete(rows, encoded, encodings, stats), config.frame_interval)
 
-    if not len(to_decode):
-        for shard in shards:
-            write(shard, None)
-        timing["encode_wall_seconds"] = time.perf_counter() - started
-        return timing
-    rows = to_decode.copy()
-    rows[FILE] = [str(p) for p in resolve_paths(rows[cache.PATH], Path(config.data_path), config.root)]
-    rows = rows.sort_values([SHARD, cache.ID])  # shards complete one after another
-    # One block per shard: blocks stream through the stages and shards complete in order.
-    dataset = ray.data.from_pandas([group for _, group in rows.groupby(SHARD, sort=True)])
+    spans, nodes = _encode_latents(to_vae, expected, config, cluster_gpus, write)
+    for shard in list(held):  # shards whose latents are all reused
+        write(shard, None)
+    timing["text_seconds"] = captioning.result(default=0.0)
+    timing["encode_wall_seconds"] = time.perf_counter() - started
+    timing["vae_seconds"] = sum(span[1] - span[0] for span in spans)
+    # Steady state: from the VAE's first call to its last, how much of the time it was computing.
+    timing["vae_window_seconds"] = max(span[1] for span in spans) - min(span[0] for span in spans) if spans else 0.0
+    frames = sum(span[2] for span in spans)
+    rate = f" ({frames / timing['vae_seconds']:.1f} frames/s)" if timing["vae_seconds"] > 0 else ""
+    _log(f"encoded {to_decode} rows in {timing['encode_wall_seconds']:.1f} s; model time: VAE "
+         f"{timing['vae_seconds']:.1f} s{rate}, T5 {timing['text_seconds']:.1f} s")  # fmt: skip
+    if nodes:
+        placed = ", ".join(f"{node[:12]} {count}" for node, count in sorted(nodes.items()))
+        _log(f"VAE rows per node ({len(nodes)} node(s)): {placed}")
+    return timing
+
+
+def _pending(shards: Callable[[], Iterator[tuple[str, pd.DataFrame]]], finished: set[str], encodings: Encodings,
+             captions: Spill) -> tuple[dict[str, int], int]:  # fmt: skip
+    """A first pass over the plan: the rows each pending shard sends through the VAE (shards with
+    none left out) and the pending rows; the captions no earlier build encoded go to `captions`."""
+    expected: dict[str, int] = {}
+    planned, planned_rows, done, pending_rows = 0, 0, 0, 0
+    for shard, rows in shards():
+        planned, planned_rows = planned + 1, planned_rows + len(rows)
+        if shard in finished:
+            done += 1
+            continue
+        pending_rows += len(rows)
+        decode = sum(key not in encodings.latents for key in rows[cache.LATENT_KEY])
+        if decode:
+            expected[shard] = decode
+        captions.add(rows[[key not in encodings.texts for key in rows[cache.TEXT_KEY]]])
+    _log(f"{planned_rows} rows to encode in {planned} shards; {done} shards already done")
+    return expected, pending_rows
+
+
+def _encode_latents(to_vae: list, expected: dict[str, int], config: TrainConfig, cluster_gpus: float,
+                    write: Callable[[str, pd.DataFrame], None]) -> tuple[set[tuple], Counter[str]]:  # fmt: skip
+    """The VAE pipeline over `to_vae` (a block of rows per shard, in Ray's object store); each
+    shard is handed to `write` as soon as its `expected` rows are encoded. Returns the (start,
+    end, frames) of each VAE call and the rows encoded per Ray node."""
+    import ray
+
+    spans: set[tuple] = set()
+    nodes: Counter[str] = Counter()
+    if not to_vae:
+        return spans, nodes
     buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
     counts: Counter[str] = Counter()
-    spans: set[tuple] = set()  # (start, end, frames) of each VAE call
-    nodes: Counter[str] = Counter()  # rows encoded per Ray node
-    for arrived in encode_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
+    rows = encode_pipeline(ray.data.from_pandas_refs(to_vae), config, cluster_gpus)
+    for arrived in rows.iter_batches(batch_format="pandas", batch_size=None):
         # Rebuilt column by column: blocks of mixed column types must not reach groupby.
         batch = Rejects(arrived).into(pd.DataFrame({c: arrived[c].tolist() for c in arrived.columns}))
         spans.update(map(tuple, batch["vae_span"]))
@@ -701,20 +963,30 @@ def _encode(pending: pd.DataFrame, store: cache.Store, version: str, config: Tra
             counts[shard] += len(part)
             if counts[shard] == expected[shard]:
                 write(shard, pd.concat(buffers.pop(shard)))
-    for shard in shards:  # shards whose latents are all reused
-        if shard not in expected:
-            write(shard, None)
-    timing["encode_wall_seconds"] = time.perf_counter() - started
-    timing["vae_seconds"] = sum(span[1] - span[0] for span in spans)
-    # Steady state: from the VAE's first call to its last, how much of the time it was computing.
-    timing["vae_window_seconds"] = max(span[1] for span in spans) - min(span[0] for span in spans) if spans else 0.0
-    frames = sum(span[2] for span in spans)
-    rate = f" ({frames / timing['vae_seconds']:.1f} frames/s)" if timing["vae_seconds"] > 0 else ""
-    _log(f"encoded {len(rows)} rows in {timing['encode_wall_seconds']:.1f} s; model time: VAE "
-         f"{timing['vae_seconds']:.1f} s{rate}, T5 {timing['text_seconds']:.1f} s")  # fmt: skip
-    placed = ", ".join(f"{node[:12]} {count}" for node, count in sorted(nodes.items()))
-    _log(f"VAE rows per node ({len(nodes)} node(s)): {placed}")
-    return timing
+    return spans, nodes
+
+
+def _caption_parts(captions: Spill, store: cache.Store, work: str) -> list[tuple[str, Any, int]]:
+    """The distinct captions to encode, in key order, cut into parts of TEXT_PART_ROWS (numbered
+    after the parts a resumed build has): (part name, its rows in Ray's object store, rows)."""
+    import ray
+
+    first = len(store.files(f"{work}/{TEXTS_DIR}", "part-*.arrow"))
+    parts: list[tuple[str, Any, int]] = []
+
+    def cut(rows: pd.DataFrame) -> None:
+        name = f"part-{first + len(parts):05d}"
+        parts.append((name, ray.put(rows.assign(part=name).reset_index(drop=True)), len(rows)))
+
+    waiting = pd.DataFrame(columns=list(CAPTION_SCHEMA.names))
+    for table in captions.sorted([cache.TEXT_KEY]):  # a caption and its copies share a spill file
+        waiting = pd.concat([waiting, _to_frame(table).drop_duplicates(cache.TEXT_KEY)], ignore_index=True)
+        while len(waiting) >= TEXT_PART_ROWS:
+            cut(waiting.iloc[:TEXT_PART_ROWS])
+            waiting = waiting.iloc[TEXT_PART_ROWS:]
+    if len(waiting):
+        cut(waiting)
+    return parts
 
 
 class _Background(threading.Thread):
@@ -740,17 +1012,14 @@ class _Background(threading.Thread):
         return self.value
 
 
-def _encode_captions(captions: pd.DataFrame, store: cache.Store, work: str, config: TrainConfig,
+def _encode_captions(parts: list[tuple[str, Any, int]], store: cache.Store, work: str, config: TrainConfig,
                      cluster_gpus: float, encodings: Encodings) -> float:  # fmt: skip
-    """T5 over distinct captions, written to the work folder in parts (each atomic, so a killed
-    run keeps what it finished); returns the model's time."""
+    """T5 over distinct captions (`_caption_parts`), written to the work folder in parts (each
+    atomic, so a killed run keeps what it finished); returns the model's time."""
     import ray
 
-    first = len(store.files(f"{work}/{TEXTS_DIR}", "part-*.arrow"))
-    todo = captions[[cache.TEXT_KEY, cache.TEXT]].reset_index(drop=True)
-    todo["part"] = [f"part-{first + i // TEXT_PART_ROWS:05d}" for i in range(len(todo))]
-    expected = todo.groupby("part").size().to_dict()
-    dataset = ray.data.from_pandas([group for _, group in todo.groupby("part", sort=True)])
+    expected = {name: count for name, _, count in parts}
+    dataset = ray.data.from_pandas_refs([rows for _, rows, _ in parts])
     buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
     spans: set[tuple] = set()
     for arrived in text_pipeline(dataset, config, cluster_gpus).iter_batches(batch_format="pandas", batch_size=None):
@@ -827,13 +1096,16 @@ def _write_shard(store: cache.Store, version: str, shard: str, rows: pd.DataFram
     store.write_bytes(_shard_path(version, shard), data)
 
 
-def _finish(store: cache.Store, version: str, probed: pd.DataFrame, parts: dict[str, str]) -> Summary:
-    """rejects.arrow from the probe table and the shards' rejects, then the manifest, last: the
+def _finish(store: cache.Store, version: str, parts: dict[str, str]) -> Summary:
+    """rejects.arrow from probe.arrow and the shards' rejects, then the manifest, last: the
     switch to this version. Then the previous version and the work folder go."""
     work = f"{cache.WORK_DIR}/{version}"
-    tables = [cache.rejects_table(probed)]  # rows that never reached a shard
+    tables, rows_in = [], 0
+    for frame in _probe_frames(store, version):  # rows that never reached a shard
+        rows_in += len(frame)
+        tables.append(cache.rejects_table(frame))
     tables += [store.read_table(path) for path in store.files(f"{work}/rejects", "*.arrow")]
-    rejects = pa.concat_tables(tables).sort_by(cache.ROW)  # in the input's order
+    rejects = pa.concat_tables(tables or [cache.REJECT_SCHEMA.empty_table()]).sort_by(cache.ROW)  # input's order
     store.write_table(f"{version}/{cache.REJECTS}", rejects)
 
     kept: Counter[str] = Counter()
@@ -851,7 +1123,7 @@ def _finish(store: cache.Store, version: str, probed: pd.DataFrame, parts: dict[
         "version": version,
         "fingerprint": parts,
         "buckets": {name: count for name, count in sorted(kept.items()) if count},
-        "rows_in": len(probed),
+        "rows_in": rows_in,
         "kept": sum(kept.values()),
         "rejected": sum(rejected.values()),
         "dropped": sum(dropped.values()),

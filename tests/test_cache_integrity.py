@@ -123,9 +123,14 @@ def test_the_input_fingerprint_covers_metadata_columns_and_root():
     from pipelines.preprocess import _input_digest
 
     table = pd.DataFrame({"path": ["a.mp4", "b.mp4"], "text": ["x", None], "num_frames": [10, 20], "fps": [24.0, None]})
-    base = _input_digest(table, None)
-    assert _input_digest(table.copy(), None) == base
-    assert _input_digest(table.assign(num_frames=[10, 21]), None) != base
-    assert _input_digest(table.assign(fps=[24.0, 30.0]), None) != base
-    assert _input_digest(table, "/data") != base
-    assert _input_digest(table.drop(columns=["fps"]), None) != base
+
+    def digest(frame, root=None):
+        return _input_digest([frame], list(frame.columns), root)
+
+    base = digest(table)
+    assert digest(table.copy()) == base
+    assert _input_digest([table.iloc[:1], table.iloc[1:]], list(table.columns), None) == base  # however batched
+    assert digest(table.assign(num_frames=[10, 21])) != base
+    assert digest(table.assign(fps=[24.0, 30.0])) != base
+    assert digest(table, "/data") != base
+    assert digest(table.drop(columns=["fps"])) != base

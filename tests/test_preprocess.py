@@ -27,11 +27,9 @@ from pipelines.cache import (
     SRC_NUM_FRAMES,
     SRC_WIDTH,
     STAGE,
-    TEXT,
     WIDTH,
     WORK_DIR,
     Cache,
-    Store,
 )
 from pipelines.media import frame_indices
 from pipelines.preprocess import DecodeFrames, probe_batch
@@ -236,28 +234,107 @@ def test_frame_indices(src, t, interval, factor, expected):
     assert frame_indices(src, t, interval, factor).tolist() == expected
 
 
-def test_validate_stage_rejects_rows_that_cannot_be_used(tmp_path):
-    from pipelines.dataset import read_table, sample_id
-    from pipelines.preprocess import REJECT_COLUMNS, _validate
+def _plan_rows(table_path, tmp_path, config_changes=None, **patches):
+    """`_plan` of a table into a scratch store: probe.arrow's rows as dicts."""
+    from pipelines import cache, preprocess
+    from pipelines.config import load_config
+    from pipelines.dataset import table_columns
+    from pipelines.reuse import Encodings
 
+    config = load_config("configs/debug/train.py", "train", {"preprocess.rows_per_shard": 2, **(config_changes or {})})
+    store = cache.Store(tmp_path / "store")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    columns = table_columns(table_path)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in patches.items():
+            patch.setattr(preprocess, name, value)
+        preprocess._plan(store, "v", table_path, columns, config, None, Encodings(), {"vae": "v", "text_encoder": "t",
+                         "model_max_length": "8", "dtype": "fp32"}, preprocess.Reuse(), scratch)  # fmt: skip
+    rows = store.read_table("v/probe.arrow").to_pylist()
+    store.delete_dir("v")
+    assert not list(scratch.iterdir())  # nothing spilled is left
+    return rows
+
+
+def test_validate_stage_rejects_rows_that_cannot_be_used(tmp_path):
     table_path = tmp_path / "data.csv"
     table_path.write_bytes(
         b"path,text\nok.mp4,a red circle\nempty.mp4,\n,no path\nbad.mp4,caf\xe9 au lait\nok.mp4,a red circle\n"
-    )
-    table = read_table(table_path)  # the bad bytes do not stop the file from being read
-    frame = pd.DataFrame({PATH: table["path"], TEXT: table["text"]})
-    frame[ID] = [sample_id(p, t) for p, t in zip(frame[PATH], frame[TEXT], strict=True)]
-    for column in REJECT_COLUMNS:
-        frame[column] = None
-    _validate(frame)
-    assert frame["reject_reason"].tolist() == [
-        None,
-        "empty caption",
-        "empty path",
-        "undecodable text (not UTF-8)",
-        "duplicate row (same path and caption)",
+    )  # the bad bytes do not stop the file from being read
+    rows = _plan_rows(table_path, tmp_path)
+    assert [(row["reject_stage"], row["reject_reason"]) for row in rows] == [
+        ("probe", "file not found"),  # not there: rejected without probing, the row is usable otherwise
+        ("validate", "empty caption"),
+        ("validate", "empty path"),
+        ("validate", "undecodable text (not UTF-8)"),
+        ("validate", "duplicate row (same path and caption)"),
     ]
-    assert set(frame["reject_stage"].dropna()) == {"validate"}
+    assert [row["row"] for row in rows] == list(range(5))
+
+
+def test_the_plan_does_not_depend_on_batches_or_spill_files(tmp_path):
+    """A table larger than memory is planned a batch at a time, with repeated rows and the shard
+    plan found on ids spilled to several files: the plan is the one a single batch gives."""
+    from pipelines.dataset import iter_table
+
+    rng = np.random.default_rng(3)
+    lines = ["path,text,num_frames,height,width,fps"]
+    for i in range(300):
+        frames, (height, width) = rng.choice([1, 20, 40, 80]), [(144, 256), (240, 426), (256, 256), (480, 270)][i % 4]
+        path, text = f"clip_{rng.integers(0, 250):03d}.mp4", f"caption {rng.integers(0, 3)}"  # some repeat
+        if i % 37 == 5:
+            text = ""
+        lines.append(f"{path},{text},{frames},{height},{width},{24 if i % 5 else ''}")
+    table_path = tmp_path / "data.csv"
+    table_path.write_text("\n".join(lines) + "\n")
+    whole = _plan_rows(table_path, tmp_path)
+    batched = _plan_rows(
+        table_path, tmp_path,
+        iter_table=lambda path: iter_table(path, batch_rows=7), partition_count=lambda rows: 5,
+    )  # fmt: skip
+    assert batched == whole
+    reasons = {row["reject_reason"] for row in whole}
+    assert {"duplicate row (same path and caption)", "empty caption", None} <= reasons
+    assert sum(row["shard"] is not None for row in whole) > 100
+    first = {}
+    for row in whole:  # the first of each path and caption stays; every later one is the duplicate
+        repeat = row["reject_reason"] == "duplicate row (same path and caption)"
+        if row["reject_reason"] != "empty caption":  # an earlier reason stands
+            assert repeat == (row["id"] in first), row
+        first.setdefault(row["id"], row["row"])
+
+
+def test_spill_files_stay_in_the_cache_folder_and_go_with_the_run(tmp_path, debug_models, monkeypatch):
+    """The plan's spill files are written in the cache's work folder (not the system's temporary
+    folder, which may be memory), and are deleted when a run ends, by an interrupt too."""
+    from pipelines import preprocess
+    from pipelines.config import load_config
+
+    table = tmp_path / "data.csv"
+    table.write_text("path,text\nmissing.mp4,a red circle\n")  # rejected without a model or Ray
+    config = load_config(str(write_config(tmp_path, debug_models)), "train", {"data_path": str(table)})
+    cache_dir, seen = tmp_path / "cache", []
+    plan = preprocess._plan
+
+    def interrupted(*args):
+        seen.append(args[-1])
+        (args[-1] / "ids-000.arrow").write_bytes(b"spilled")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess, "_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess.preprocess(config, cache_dir)
+    (version,) = [p.name for p in (cache_dir / WORK_DIR).iterdir()]
+    assert seen == [cache_dir / WORK_DIR / version / preprocess.SCRATCH_DIR]
+    assert not seen[0].exists()
+
+    seen[0].mkdir()
+    (seen[0] / "kept-007.arrow").write_bytes(b"left by a killed run")
+    monkeypatch.setattr(preprocess, "_plan", lambda *args: (seen.append(sorted(args[-1].iterdir())), plan(*args)))
+    summary = preprocess.preprocess(config, cache_dir)
+    assert seen[1] == []  # a killed run's files are gone before the plan starts
+    assert summary.rejected == {"probe: file not found": 1} and not (cache_dir / WORK_DIR).exists()
 
 
 def test_cache_at_a_uri(demo_csv, debug_models, tmp_path):
@@ -332,15 +409,11 @@ def test_reject_columns_of_mixed_types_become_one_kind():
     assert out["reject_stage"].tolist() == ["decode", None, None] and out["reject_stage"].dtype == object
 
 
-def test_bucket_report_and_preprocess_read_metadata_alike(tmp_path, debug_models):
+def test_bucket_report_and_preprocess_read_metadata_alike(tmp_path):
     """Both read the table's metadata through one reader: float values round, so a sample
     gets the same bucket in the report as in the cache."""
     from pipelines.bucket_report import report_from_table
-    from pipelines.cache import fingerprint
     from pipelines.config import load_config
-    from pipelines.dataset import read_table
-    from pipelines.preprocess import Reuse, _load_or_probe
-    from pipelines.reuse import Encodings
 
     table_path = tmp_path / "data.csv"
     # 16.6 frames round to 17 (> T=16 x frame_interval 1: bucket T=16); truncated, 16 would go to T=8;
@@ -351,12 +424,10 @@ def test_bucket_report_and_preprocess_read_metadata_alike(tmp_path, debug_models
         "b.mp4,a blue square,8.6,144,256,24\n"
         "c.mp4,a green star,9,143.5,255.5,24\n"
     )
-    config = load_config(write_config(tmp_path, debug_models), "train", {"data_path": str(table_path)})
+    config = load_config("configs/debug/train.py", "train", {"data_path": str(table_path)})
     report = report_from_table(table_path, config, progress=False)
     from_report = {row.bucket.name: row.samples for row in report.buckets}
-    store, parts = Store(tmp_path / "cache"), fingerprint(config)
-    table = read_table(table_path)
-    probed = _load_or_probe(store, "v-test", table, table_path, config, None, Encodings(), parts, Reuse())
+    probed = pd.DataFrame(_plan_rows(table_path, tmp_path))
     assert probed[SRC_NUM_FRAMES].tolist() == [17, 9, 9]
     assert probed[[SRC_HEIGHT, SRC_WIDTH]].to_numpy().tolist() == [[144, 256]] * 3
     assert probed["bucket"].value_counts().to_dict() == from_report
@@ -383,13 +454,16 @@ def test_metadata_junk_is_missing_and_probed(tmp_path):
     assert metadata["fps"].isna().all()  # no fps column: missing, not zero
 
 
-def test_shard_plan_is_per_bucket_rows_sorted_by_id_rows_per_shard_each():
-    """`_assign` on whole columns: each kept row gets its bucket's target size and a shard
-    `<bucket>/part-NNNNN` where rows are numbered in id order within the bucket; rows no
-    bucket takes are rejected at the bucketing stage with the reason; rejected rows stay."""
+@pytest.mark.parametrize("spill_files", [1, 5])
+def test_shard_plan_is_per_bucket_rows_sorted_by_id_rows_per_shard_each(tmp_path, spill_files):
+    """`_assign` on whole columns: each kept row gets its bucket's target size, and
+    `_number_shards` a shard `<bucket>/part-NNNNN` where rows are numbered in id order within the
+    bucket, from ids spilled to disk (in one file or several); rows no bucket takes are rejected
+    at the bucketing stage with the reason; rejected rows stay."""
     from bucketing.assign import assign_bucket, sample_key
     from pipelines import preprocess
     from pipelines.config import load_config
+    from pipelines.spill import Spill
 
     config = load_config("configs/debug/train.py", "train", {"preprocess.rows_per_shard": 3})
     rng = np.random.default_rng(1)
@@ -400,8 +474,19 @@ def test_shard_plan_is_per_bucket_rows_sorted_by_id_rows_per_shard_each():
     frame[preprocess.SRC_WIDTH] = rng.choice([8, 256, 426, 480], count)
     for column in preprocess.REJECT_COLUMNS:
         frame[column] = None
+    frame["row"] = np.arange(count)
     frame.loc[::7, list(preprocess.REJECT_COLUMNS)] = ["validate", "empty path", ""]
     preprocess._assign(frame, config)
+    kept = Spill(tmp_path, "kept", preprocess.KEPT_SCHEMA, ID, spill_files)
+    kept.add(frame[frame["bucket"].notna()].iloc[::-1])  # the plan must not depend on the rows' order
+    scratch = tmp_path / "numbers"
+    scratch.mkdir()
+    lookup = preprocess._number_shards(kept, count, config.preprocess.rows_per_shard, scratch)
+    numbers = np.concatenate([lookup(np.arange(start, min(start + 7, count))) for start in range(0, count, 7)])
+    assert not list(scratch.iterdir())
+    names = [None if n < 0 else f"{b}/part-{n:05d}" for b, n in zip(frame["bucket"], numbers, strict=True)]
+    frame["shard"] = pd.Series(names, dtype=object)
+    assert not [file for file in tmp_path.rglob("*") if file.is_file()]  # the spill files are gone once read
 
     by_bucket: dict[str, list[tuple[str, str]]] = {}
     for row in frame.itertuples(index=False):
