@@ -1,12 +1,12 @@
 """Training previews: step time with previews on against off, the same run otherwise.
 
-Runs `sora train` twice on one cache with the demo config (2 workers), `log_every = 1`, a
+Runs `sora train` twice on one cache with the demo config (`--num-workers`, 2 by default), `log_every = 1`, a
 checkpoint every `--every` steps; the second run also previews `preview_prompts` at each
 checkpoint, in Ray tasks beside the workers. The step time is what the trainer logs per
 step (waiting for data plus the step's compute, not checkpoint writing), so the ratio is
 what previews cost the training step itself. The first `--warmup` steps are left out.
 
-    python benchmarks/preview_overhead.py [--cache demo/cache] [--steps 60] [--every 10]
+    python benchmarks/preview_overhead.py [--cache demo/cache] [--steps 60] [--every 10] [--num-workers 2]
 
 The cache defaults to `demo/cache` (`make demo` writes it); the runs go to a temporary folder.
 """
@@ -38,7 +38,7 @@ def run(cache: Path, outputs: Path, steps_per_epoch: int, args, previews: bool) 
     config.write_text(text)
     epochs = max(1, -(-args.steps // steps_per_epoch))
     command = [str(Path(sys.executable).parent / "sora"), "train", str(config), "--data-path", str(cache)]
-    command += ["--outputs", str(outputs), "--num-workers", "2", "--epochs", str(epochs)]
+    command += ["--outputs", str(outputs), "--num-workers", str(args.num_workers), "--epochs", str(epochs)]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
@@ -55,14 +55,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10, help="checkpoint (and preview) every N steps")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--samples-per-step", type=int, default=8, help="bucket batch size x workers")
+    parser.add_argument("--num-workers", type=int, default=2, help="training workers (1: a core left for previews)")
+    parser.add_argument("--samples-per-step", type=int, help="bucket batch size x workers (default: 4 x workers)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from pipelines.cache import Cache
     from pipelines.config import load_config
     from pipelines.train import make_plan
 
-    steps_per_epoch = make_plan(Cache(args.cache), load_config(CONFIG, "train"), 2).steps_per_epoch
+    args.samples_per_step = args.samples_per_step or 4 * args.num_workers
+    steps_per_epoch = make_plan(Cache(args.cache), load_config(CONFIG, "train"), args.num_workers).steps_per_epoch
     with tempfile.TemporaryDirectory() as folder:
         figures = {}
         for index, previews in enumerate((False, True, False, True)):  # alternated: drift hits both alike
