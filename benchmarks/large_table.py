@@ -112,10 +112,11 @@ def plan_preprocess(table: Path, config, start: float) -> dict:
     from pipelines.reuse import Encodings
 
     columns = table_columns(table)
-    parts = cache.fingerprint(config, preprocess._input_digest(iter_table(table), columns, None))
+    digest, rows_in = preprocess._input_digest(iter_table(table), columns, None)
+    parts = cache.fingerprint(config, digest)
     store = cache.Store(table.parent / "scratch-cache")
     with tempfile.TemporaryDirectory(dir=table.parent) as scratch:
-        preprocess._plan(store, "plan", table, columns, config, None, Encodings(), parts, preprocess.Reuse(),
+        preprocess._plan(store, "plan", table, columns, rows_in, config, None, Encodings(), parts, preprocess.Reuse(),
                          Path(scratch))  # fmt: skip
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

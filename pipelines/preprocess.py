@@ -39,8 +39,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -66,7 +64,6 @@ from pipelines.config import ConfigError, TrainConfig
 from pipelines.dataset import (
     BATCH_ROWS,
     METADATA_COLUMNS,
-    is_parquet,
     iter_table,
     read_metadata,
     resolve_paths,
@@ -89,7 +86,7 @@ from pipelines.reuse import (
     source_identity,
     text_key,
 )
-from pipelines.spill import Spill, open_stream, partition_count
+from pipelines.spill import Spill, new_stream, open_stream, partition_count
 from sora_model.loading import torch_dtype
 
 SCRATCH_DIR = "scratch"  # <cache>/.work/<id>/scratch: the run's spill files
@@ -420,7 +417,8 @@ def preprocess(
     store = cache.Store(cache_dir)
     table_path = Path(config.data_path)
     columns = table_columns(table_path)  # fails here, before any work, on a missing file or column
-    parts = cache.fingerprint(config, _input_digest(iter_table(table_path), columns, config.root))
+    digest, rows_in = _input_digest(iter_table(table_path), columns, config.root)
+    parts = cache.fingerprint(config, digest)
     version = cache.version_name(parts)
     current = cache.Cache(store.location) if store.exists(cache.MANIFEST) else None  # refuses older formats
     if current is None and not store.files(cache.WORK_DIR, cache.FINGERPRINT) and not store.is_empty():
@@ -445,7 +443,7 @@ def preprocess(
     stats = Reuse()
     with _scratch(store, work) as scratch:
         if not store.exists(f"{version}/{cache.PROBE}"):
-            _plan(store, version, table_path, columns, config, address, encodings, parts, stats, scratch)
+            _plan(store, version, table_path, columns, rows_in, config, address, encodings, parts, stats, scratch)
 
         def shards() -> Iterator[tuple[str, pd.DataFrame]]:
             return _planned_shards(store, version, scratch)
@@ -501,17 +499,22 @@ def _remove_other_versions(store: cache.Store, keep: set[str]) -> None:
             store.delete_dir(f"{cache.WORK_DIR}/{relative}")
 
 
-def _input_digest(frames: Iterable[pd.DataFrame], columns: Sequence[str], root: str | None) -> str:
+def _input_digest(frames: Iterable[pd.DataFrame], columns: Sequence[str], root: str | None) -> tuple[str, int]:
     """What of the input decides the cache's bytes: every row's path, caption and metadata columns
-    (a corrected num_frames re-buckets its row), and `root`, which relative paths resolve against.
-    `frames`: the table's batches in order (`iter_table`), `columns`: the columns it has of those."""
+    (a corrected num_frames re-buckets its row), and `root`, which relative paths resolve against;
+    and the table's rows. `frames`: the table's batches in order (`iter_table`), `columns`: the
+    columns it has of those. Stored numbers are written as floats: a batch of integers with a
+    null comes as floats, one without as integers, and the digest must not depend on batches."""
     columns = ["path", "text", *(column for column in METADATA_COLUMNS if column in columns)]
     digest = hashlib.sha256(f"root={root}\ncolumns={','.join(columns)}\n".encode())
+    rows = 0
     for table in frames:
-        values = table[columns].astype(object).where(table[columns].notna(), "").astype(str)
+        table = table[columns].apply(lambda c: c.astype("float64") if c.dtype.kind in "iub" else c)
+        values = table.astype(object).where(table.notna(), "").astype(str)
         for row in values.itertuples(index=False, name=None):
             digest.update(("\0".join(row) + "\n").encode())
-    return digest.hexdigest()[:16]
+        rows += len(table)
+    return digest.hexdigest()[:16], rows
 
 
 def _connect_and_count_gpus(address: str | None) -> float:
@@ -571,15 +574,8 @@ def _earlier_probes(encodings: Encodings) -> pd.DataFrame:
     return earlier.drop_duplicates(SOURCE).set_index(SOURCE)[PROBE_RESULTS]
 
 
-def _estimated_rows(table_path: Path) -> int:
-    """Rows of the table, for sizing spill files: exact for Parquet, from the size for CSV."""
-    if is_parquet(table_path):
-        return pq.ParquetFile(table_path).metadata.num_rows
-    return table_path.stat().st_size // 64
-
-
-def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str], config: TrainConfig,
-          address: str | None, encodings: Encodings, parts: dict[str, str], stats: Reuse,
+def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str], rows_in: int,
+          config: TrainConfig, address: str | None, encodings: Encodings, parts: dict[str, str], stats: Reuse,
           scratch: Path) -> None:  # fmt: skip
     """Write probe.arrow: every input row, in the input's order, with its probe metadata, bucket or
     drop reason, shard and encoding keys.
@@ -588,18 +584,20 @@ def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str]
     probed where it lacks metadata, bucketed and keyed on its own. The two steps that need the
     whole table, which rows repeat an earlier one and the shard plan (per bucket, rows in id
     order), work on ids spilled to local disk (`pipelines/spill.py`). Memory: a few batches and
-    a spill file, however many rows the table has."""
-    estimate = _estimated_rows(table_path)
+    a spill file, however many rows the table has. `rows_in`: the table's rows, as the digest
+    read them."""
     read, planned = scratch / "read.arrow", scratch / "planned.arrow"
-    ids = Spill(scratch, "ids", ID_SCHEMA, cache.ID, partition_count(estimate))
+    ids = Spill(scratch, "ids", ID_SCHEMA, cache.ID, partition_count(rows_in))
     rows = 0
-    with ipc.new_stream(read, READ_SCHEMA) as sink, _progress("read", estimate, is_parquet(table_path)) as bar:
+    with new_stream(read, READ_SCHEMA) as sink, _progress("read", rows_in) as bar:
         for batch in iter_table(table_path):
             frame = _read_rows(batch, rows, table_path, config)
             sink.write_table(_to_arrow(frame, READ_SCHEMA))
             ids.add(frame)
             rows += len(frame)
             bar.update(len(frame))
+    if rows != rows_in:
+        raise ConfigError(f"{table_path} changed while it was read ({rows_in} rows, then {rows}); run again")
     repeated = [np.empty(0, np.int64)]  # rows of a path and caption an earlier row has
     for part in ids.sorted([cache.ID, cache.ROW]):
         repeated.append(part.column(cache.ROW).to_numpy()[part.to_pandas()[cache.ID].duplicated().to_numpy()])
@@ -607,7 +605,7 @@ def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str]
 
     earlier = _earlier_probes(encodings)
     kept = Spill(scratch, "kept", KEPT_SCHEMA, cache.ID, partition_count(rows))
-    with open_stream(read) as source, ipc.new_stream(planned, PROBE_SCHEMA) as sink, _progress("plan", rows) as bar:
+    with open_stream(read) as source, new_stream(planned, PROBE_SCHEMA) as sink, _progress("plan", rows) as bar:
         for table in source:
             frame = _to_frame(pa.Table.from_batches([table]))
             repeats = np.isin(frame[cache.ROW].to_numpy(), repeated)
@@ -636,11 +634,9 @@ def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str]
     planned.unlink()
 
 
-def _progress(what: str, rows: int, exact: bool = True):
-    """A progress bar on stderr for tables of more than a batch (a small table's plan takes no
-    time); a count without a total when `rows` is only an estimate (a CSV's, from its size)."""
-    return tqdm(total=rows if exact else None, desc=what, unit="row", unit_scale=True, file=sys.stderr,
-                disable=rows <= BATCH_ROWS)  # fmt: skip
+def _progress(what: str, rows: int):
+    """A progress bar on stderr for tables of more than a batch (a small table's plan takes no time)."""
+    return tqdm(total=rows, desc=what, unit="row", unit_scale=True, file=sys.stderr, disable=rows <= BATCH_ROWS)
 
 
 def _read_rows(batch: pd.DataFrame, first: int, table_path: Path, config: TrainConfig) -> pd.DataFrame:
@@ -885,7 +881,7 @@ def _encode(shards: Callable[[], Iterator[tuple[str, pd.DataFrame]]], store: cac
     if parts:
         captioning.start()
     held: dict[str, Any] = {}  # pending shard -> its rows, in Ray's object store
-    to_vae = []  # one block per shard: blocks stream through the stages and shards complete in turn
+    to_vae = {}  # one block per shard: blocks stream through the stages and shards complete in turn
     for shard, rows in shards():
         if shard in finished:
             continue
@@ -894,14 +890,14 @@ def _encode(shards: Callable[[], Iterator[tuple[str, pd.DataFrame]]], store: cac
             decode = rows[[key not in encodings.latents for key in rows[cache.LATENT_KEY]]]
             decode = decode.assign(**{FILE: [str(p) for p in resolve_paths(decode[cache.PATH], Path(config.data_path),
                                                                             config.root)]})  # fmt: skip
-            to_vae.append(ray.put(decode))
+            to_vae[shard] = ray.put(decode)
 
     def write(shard: str, encoded: pd.DataFrame | None) -> None:
         timing["text_seconds"] = captioning.result(default=0.0)
         rows = ray.get(held.pop(shard))
         _write_shard(store, version, shard, _complete(rows, encoded, encodings, stats), config.frame_interval)
 
-    spans, nodes = _encode_latents(to_vae, expected, config, cluster_gpus, write)
+    spans, nodes = _encode_latents([to_vae[shard] for shard in sorted(to_vae)], expected, config, cluster_gpus, write)
     for shard in list(held):  # shards whose latents are all reused
         write(shard, None)
     timing["text_seconds"] = captioning.result(default=0.0)
@@ -941,7 +937,8 @@ def _pending(shards: Callable[[], Iterator[tuple[str, pd.DataFrame]]], finished:
 
 def _encode_latents(to_vae: list, expected: dict[str, int], config: TrainConfig, cluster_gpus: float,
                     write: Callable[[str, pd.DataFrame], None]) -> tuple[set[tuple], Counter[str]]:  # fmt: skip
-    """The VAE pipeline over `to_vae` (a block of rows per shard, in Ray's object store); each
+    """The VAE pipeline over `to_vae` (a block of rows per shard, in Ray's object store, a bucket's
+    shards together); each
     shard is handed to `write` as soon as its `expected` rows are encoded. Returns the (start,
     end, frames) of each VAE call and the rows encoded per Ray node."""
     import ray
@@ -1100,13 +1097,25 @@ def _finish(store: cache.Store, version: str, parts: dict[str, str]) -> Summary:
     """rejects.arrow from probe.arrow and the shards' rejects, then the manifest, last: the
     switch to this version. Then the previous version and the work folder go."""
     work = f"{cache.WORK_DIR}/{version}"
-    tables, rows_in = [], 0
-    for frame in _probe_frames(store, version):  # rows that never reached a shard
-        rows_in += len(frame)
-        tables.append(cache.rejects_table(frame))
-    tables += [store.read_table(path) for path in store.files(f"{work}/rejects", "*.arrow")]
-    rejects = pa.concat_tables(tables or [cache.REJECT_SCHEMA.empty_table()]).sort_by(cache.ROW)  # input's order
-    store.write_table(f"{version}/{cache.REJECTS}", rejects)
+    # Rows that failed decoding or encoding (few), merged into probe.arrow's rejects by row range.
+    late = [store.read_table(path).replace_schema_metadata(None) for path in store.files(f"{work}/rejects", "*.arrow")]
+    late = pa.concat_tables(late or [cache.REJECT_SCHEMA.empty_table()]).sort_by(cache.ROW)
+    late_rows = late.column(cache.ROW).to_numpy()
+    reasons: Counter[tuple[str, str]] = Counter()
+    rows_in = 0
+
+    def rejects() -> Iterator[pa.Table]:  # in the input's order, a batch of probe.arrow at a time
+        nonlocal rows_in
+        for frame in _probe_frames(store, version):
+            first, rows_in = rows_in, rows_in + len(frame)
+            start, end = np.searchsorted(late_rows, [first, rows_in])
+            early = cache.rejects_table(frame).replace_schema_metadata(None)  # rows that never reached a shard
+            table = pa.concat_tables([early, late.slice(start, end - start)]).sort_by(cache.ROW)
+            stages, why = table.column(cache.STAGE).to_pylist(), table.column(cache.REASON).to_pylist()
+            reasons.update(zip(stages, why, strict=True))
+            yield table
+
+    store.write_batches(f"{version}/{cache.REJECTS}", cache.REJECT_SCHEMA, rejects())
 
     kept: Counter[str] = Counter()
     shards = {}
@@ -1114,10 +1123,8 @@ def _finish(store: cache.Store, version: str, parts: dict[str, str]) -> Summary:
         name = shard.removeprefix(f"{version}/{cache.BUCKETS_DIR}/").removesuffix(".arrow")  # <bucket>/part-NNNNN
         shards[shard] = store.read_json(_checksum_file(work, name))  # written just before the shard
         kept[shard.split("/")[-2]] += shards[shard]["rows"]
-    stages = rejects.column(cache.STAGE).to_pylist()
-    reasons = rejects.column(cache.REASON).to_pylist()
-    dropped = Counter(r for s, r in zip(stages, reasons, strict=True) if s == BUCKETING)
-    rejected = Counter(f"{s}: {r}" for s, r in zip(stages, reasons, strict=True) if s != BUCKETING)
+    dropped = Counter({why: count for (stage, why), count in reasons.items() if stage == BUCKETING})
+    rejected = Counter({f"{stage}: {why}": count for (stage, why), count in reasons.items() if stage != BUCKETING})
     manifest = {
         "format_version": cache.FORMAT_VERSION,
         "version": version,

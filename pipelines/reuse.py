@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import cache
 from pipelines.cache import (
@@ -86,22 +87,28 @@ class Encodings:
     def __init__(self, tables_kept: int = 4) -> None:
         self.latents: dict[str, tuple[cache.Cache, str]] = {}  # key -> (cache, shard)
         self.texts: dict[str, tuple[Any, str]] = {}  # key -> (cache or store, shard or text part)
-        self.probes: list[pa.Table] = []  # probe tables of the finished caches, for their probe results
+        self.probes: list[pa.Table] = []  # rows of the finished caches that were probed, for their results
         self._tables: OrderedDict[tuple[str, str], dict[str, dict[str, dict[str, Any]]]] = OrderedDict()
         self._kept = tables_kept
 
     def add_cache(self, found: cache.Cache) -> None:
-        """Every kept row of a finished cache (format 4), by its latent and text keys."""
-        probe = found.probe_table()
-        rejected = set(found.rejects().column(cache.ID).to_pylist())
-        self.probes.append(probe)
-        columns = probe.select([cache.ID, cache.SHARD, LATENT_KEY, TEXT_KEY]).to_pylist()
-        for row in columns:
-            if row[cache.SHARD] is None or row[cache.ID] in rejected:
-                continue
-            shard = f"{found.version}/{cache.BUCKETS_DIR}/{row[cache.SHARD]}.arrow"
-            self.latents.setdefault(row[LATENT_KEY], (found, shard))
-            self.texts.setdefault(row[TEXT_KEY], (found, shard))
+        """Every kept row of a finished cache (format 4), by its latent and text keys, and the rows
+        whose metadata it probed (for their probe results). Its files are read a batch at a time:
+        what stays is the keys, not the cache's table."""
+        failed = set()  # rows planned into a shard that failed decoding or encoding
+        for batch in found.store.iter_batches(f"{found.version}/{cache.REJECTS}"):
+            late = pc.is_in(batch.column(cache.STAGE), pa.array([cache.DECODE, cache.ENCODE]))
+            failed.update(batch.filter(late).column(cache.ID).to_pylist())
+        for batch in found.store.iter_batches(f"{found.version}/{cache.PROBE}"):
+            if PROBED in batch.schema.names:
+                self.probes.append(pa.Table.from_batches([batch.filter(batch.column(PROBED))]))
+            columns = [batch.column(name).to_pylist() for name in (cache.ID, cache.SHARD, LATENT_KEY, TEXT_KEY)]
+            for sample, shard, latent, text in zip(*columns, strict=True):
+                if shard is None or sample in failed:
+                    continue
+                shard = f"{found.version}/{cache.BUCKETS_DIR}/{shard}.arrow"
+                self.latents.setdefault(latent, (found, shard))
+                self.texts.setdefault(text, (found, shard))
 
     def add_text_part(self, store: cache.Store, part: str) -> None:
         """Caption embeddings the build in progress encoded (failures included: they are not encoded again)."""

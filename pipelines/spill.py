@@ -9,6 +9,7 @@ order while holding one file at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,11 +33,20 @@ def partition_of(keys: pd.Series, count: int) -> np.ndarray:
     return ((leading * np.uint64(count)) >> np.uint64(32)).astype(np.int64)
 
 
-def open_stream(path: Path) -> ipc.RecordBatchStreamReader:
-    """An Arrow IPC stream file read through a plain file, batch by batch into memory freed after
-    use (`ipc.open_stream` given a path maps the file, and every page read stays in the process's
-    resident memory until the reader is gone: a whole spill's worth)."""
-    return ipc.open_stream(pa.OSFile(str(path)))
+@contextlib.contextmanager
+def open_stream(path: Path) -> Iterator[ipc.RecordBatchStreamReader]:
+    """An Arrow IPC stream file read batch by batch into memory freed after use, its file closed
+    on leaving (`ipc.open_stream` given a path maps the file, and every page read stays in the
+    process's resident memory while the reader lives; the file stays open until it is freed)."""
+    with pa.OSFile(str(path)) as file:
+        yield ipc.open_stream(file)
+
+
+@contextlib.contextmanager
+def new_stream(path: Path, schema: pa.Schema) -> Iterator[ipc.RecordBatchStreamWriter]:
+    """An Arrow IPC stream file to write, finished and closed on leaving."""
+    with pa.OSFile(str(path), "wb") as file, ipc.new_stream(file, schema) as writer:
+        yield writer
 
 
 class Spill:
@@ -48,7 +58,7 @@ class Spill:
         self.files = [folder / f"{name}-{index:03d}.arrow" for index in range(count)]
         self.schema, self.key, self.count, self.rows = schema, key, count, 0
         self.where = where or (lambda frame: partition_of(frame[key], count))
-        self._writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+        self._writers: dict[int, tuple[pa.NativeFile, ipc.RecordBatchStreamWriter]] = {}
         for file in self.files:  # a spill of the same name before, left unread
             file.unlink(missing_ok=True)
 
@@ -59,8 +69,9 @@ class Spill:
         table = pa.Table.from_pandas(frame[self.schema.names], schema=self.schema, preserve_index=False)
         for index in np.unique(which):
             if index not in self._writers:
-                self._writers[index] = ipc.new_stream(self.files[index], self.schema)
-            self._writers[index].write_table(table.filter(pa.array(which == index)))
+                file = pa.OSFile(str(self.files[index]), "wb")
+                self._writers[index] = (file, ipc.new_stream(file, self.schema))
+            self._writers[index][1].write_table(table.filter(pa.array(which == index)))
         self.rows += len(frame)
 
     def sorted(self, by: list[str]) -> Iterator[pa.Table]:
@@ -82,6 +93,7 @@ class Spill:
         return table
 
     def close(self) -> None:
-        for writer in self._writers.values():
+        for file, writer in self._writers.values():
             writer.close()
+            file.close()
         self._writers.clear()

@@ -249,8 +249,10 @@ def _plan_rows(table_path, tmp_path, config_changes=None, **patches):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in patches.items():
             patch.setattr(preprocess, name, value)
-        preprocess._plan(store, "v", table_path, columns, config, None, Encodings(), {"vae": "v", "text_encoder": "t",
-                         "model_max_length": "8", "dtype": "fp32"}, preprocess.Reuse(), scratch)  # fmt: skip
+        _, rows = preprocess._input_digest(preprocess.iter_table(table_path), columns, None)
+        parts = {"vae": "v", "text_encoder": "t", "model_max_length": "8", "dtype": "fp32"}
+        preprocess._plan(store, "v", table_path, columns, rows, config, None, Encodings(), parts, preprocess.Reuse(),
+                         scratch)  # fmt: skip
     rows = store.read_table("v/probe.arrow").to_pylist()
     store.delete_dir("v")
     assert not list(scratch.iterdir())  # nothing spilled is left

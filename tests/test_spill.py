@@ -26,7 +26,7 @@ def test_partition_count_is_one_file_per_partition_rows_up_to_the_maximum():
 
 
 def test_partitions_keep_the_order_of_the_keys():
-    keys = pd.Series(sorted(_keys(2000)) + ["00000000", "ffffffff"])
+    keys = pd.Series([*sorted(_keys(2000)), "00000000", "ffffffff"])
     files = partition_of(keys, 7)
     assert files.min() == 0 and files.max() == 6
     order = np.argsort(keys.to_numpy(), kind="stable")
