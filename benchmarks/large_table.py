@@ -13,14 +13,12 @@ that reports its own peak resident memory (ru_maxrss):
   instance); the figure is the driver's (the command's) process;
 - with `--plan`, `sora preprocess`'s planning on both tables (read, validate, stat every
   file, find repeated rows, bucket, plan shards and keys, write probe.arrow), streamed like
-  the report, with its whole-table steps on ids spilled to disk; with `--plan-on-ray`, the
-  same on the large table with Ray Data tasks reading and validating it (the driver's memory).
+  the report, with its whole-table steps on ids spilled to disk.
 
 All three must give the same report on the same table (checked). Printed: rows, seconds,
 rows/s, peak MB, and rows/s and memory relative to `whole`.
 
     python benchmarks/large_table.py [--rows 10000000] [--whole-rows 1000000] [--format parquet] [--plan]
-                                     [--plan-on-ray]
 """
 
 from __future__ import annotations
@@ -90,8 +88,8 @@ def run_variant(variant: str, table: str) -> None:
 
     config = load_config(CONFIG, "train")
     start = time.perf_counter()
-    if variant.startswith("preprocess-plan"):
-        print(MARK + json.dumps(plan_preprocess(Path(table), config, start, on_ray=variant.endswith("ray"))))
+    if variant == "preprocess-plan":
+        print(MARK + json.dumps(plan_preprocess(Path(table), config, start)))
         return
     if variant == "whole":
         report = tally_rows(read_table(table), Path(table).absolute(), config).report()
@@ -105,12 +103,10 @@ def run_variant(variant: str, table: str) -> None:
                              "kept": kept}))  # fmt: skip
 
 
-def plan_preprocess(table: Path, config, start: float, on_ray: bool) -> dict:
+def plan_preprocess(table: Path, config, start: float) -> dict:
     """`sora preprocess` up to its encoding: digest the table, then read it again to validate,
     bucket, plan the shards and the encoding keys and write probe.arrow (into a scratch cache
-    beside the table); `on_ray`: the table read and validated by Ray Data tasks (a local
-    instance), as for a table over 256 MiB or with `--address`. The result names the rows kept
-    per bucket, to compare with the report."""
+    beside the table). The result names the rows kept per bucket, to compare with the report."""
     from pipelines import cache, preprocess
     from pipelines.dataset import iter_table, table_columns
     from pipelines.reuse import Encodings
@@ -119,7 +115,6 @@ def plan_preprocess(table: Path, config, start: float, on_ray: bool) -> dict:
     digest, rows_in = preprocess._input_digest(iter_table(table), columns, None)
     parts = cache.fingerprint(config, digest)
     store = cache.Store(table.parent / "scratch-cache")
-    preprocess.read_on_ray = lambda path, address: on_ray
     with tempfile.TemporaryDirectory(dir=table.parent) as scratch:
         preprocess._plan(store, "plan", table, columns, rows_in, config, None, Encodings(), parts, preprocess.Reuse(),
                          Path(scratch))  # fmt: skip
@@ -136,9 +131,9 @@ def plan_preprocess(table: Path, config, start: float, on_ray: bool) -> dict:
 
 
 def measure(variant: str, table: Path) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--variant", variant, str(table)], check=True, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, __file__, "--variant", variant, str(table)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {variant} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     found = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if not found:
         raise SystemExit(f"the {variant} run printed no result:\n{done.stdout}\n{done.stderr}")
@@ -152,9 +147,7 @@ def main() -> None:
     parser.add_argument("--whole-on-large", action="store_true", help="also read the large table whole")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     parser.add_argument("--plan", action="store_true", help="also time sora preprocess's planning (whole-rows table)")
-    parser.add_argument("--plan-on-ray", action="store_true", help="also plan the large table with Ray Data reading it")
-    parser.add_argument("--variant", choices=["whole", "here", "ray", "preprocess-plan", "preprocess-plan-ray"],
-                        help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--variant", choices=["whole", "here", "ray", "preprocess-plan"], help=argparse.SUPPRESS)
     parser.add_argument("table", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -174,8 +167,6 @@ def main() -> None:
         runs += [(f"{variant}, {args.rows:,} rows", variant, large) for variant in ("here", "ray")]
         if args.plan:
             runs.append((f"preprocess plan, {args.rows:,}", "preprocess-plan", large))
-        if args.plan_on_ray:
-            runs.append((f"plan, Ray reads, {args.rows:,}", "preprocess-plan-ray", large))
         results = [(name, measure(variant, table)) for name, variant, table in runs]
         sizes = {"small": small.stat().st_size, "large": large.stat().st_size}
 

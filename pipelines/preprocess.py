@@ -22,7 +22,6 @@ byte what a clean build writes. Readers keep the current version until the manif
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -66,10 +65,7 @@ from pipelines.dataset import (
     BATCH_ROWS,
     METADATA_COLUMNS,
     iter_table,
-    map_table,
-    normalise,
     read_metadata,
-    read_on_ray,
     resolve_paths,
     row_problems,
     sample_id,
@@ -594,13 +590,12 @@ def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str]
     ids = Spill(scratch, "ids", ID_SCHEMA, cache.ID, partition_count(rows_in))
     rows = 0
     with new_stream(read, READ_SCHEMA) as sink, _progress("read", rows_in) as bar:
-        for table in _read_table(table_path, config, address):
-            table = table.set_column(READ_SCHEMA.get_field_index(cache.ROW), cache.ROW,
-                                     pa.array(np.arange(rows, rows + table.num_rows)))  # fmt: skip
-            sink.write_table(table)
-            ids.add(table.select(ID_SCHEMA.names).to_pandas())
-            rows += table.num_rows
-            bar.update(table.num_rows)
+        for batch in iter_table(table_path):
+            frame = _read_rows(batch, rows, table_path, config)
+            sink.write_table(_to_arrow(frame, READ_SCHEMA))
+            ids.add(frame)
+            rows += len(frame)
+            bar.update(len(frame))
     if rows != rows_in:
         raise ConfigError(f"{table_path} changed while it was read ({rows_in} rows, then {rows}); run again")
     repeated = [np.empty(0, np.int64)]  # rows of a path and caption an earlier row has
@@ -644,37 +639,16 @@ def _progress(what: str, rows: int):
     return tqdm(total=rows, desc=what, unit="row", unit_scale=True, file=sys.stderr, disable=rows <= BATCH_ROWS)
 
 
-def _read_table(table_path: Path, config: TrainConfig, address: str | None) -> Iterator[pa.Table]:
-    """The table as the plan's first columns (`_read_rows`; row numbers left to the caller), in
-    row order, a batch at a time: read by Ray Data tasks in the cluster for a large table or
-    with `address`, else streamed in this process (`pipelines/dataset.py`: `read_on_ray`)."""
-    if not read_on_ray(table_path, address):
-        for batch in iter_table(table_path):
-            yield _to_arrow(_read_rows(batch, table_path, config), READ_SCHEMA)
-        return
-    _connect_and_count_gpus(address)
-    table_path = table_path.absolute()  # tasks resolve relative file paths against it, and against
-    if config.root:  # root: the driver's, not a worker's working directory
-        config = dataclasses.replace(config, root=str(Path(config.root).absolute()))
-    for table in map_table(table_path, _read_batch, {"table_path": table_path, "config": config}):
-        yield table.select(READ_SCHEMA.names).cast(READ_SCHEMA)  # as written, whatever Ray made of the blocks
-
-
-def _read_batch(batch: pa.Table, table_path: Path, config: TrainConfig) -> pa.Table:
-    """`_read_rows` of a raw batch in a Ray Data task."""
-    return _to_arrow(_read_rows(normalise(batch), table_path, config), READ_SCHEMA)
-
-
-def _read_rows(batch: pd.DataFrame, table_path: Path, config: TrainConfig) -> pd.DataFrame:
-    """A batch of the input table as the plan's first columns, with the rows no file can make
-    usable rejected and the sizes the table gives (NaN where it gives none); row numbers -1."""
+def _read_rows(batch: pd.DataFrame, first: int, table_path: Path, config: TrainConfig) -> pd.DataFrame:
+    """A batch of the input table (rows `first`...) as the plan's first columns, with the rows no
+    file can make usable rejected and the sizes the table gives (NaN where it gives none)."""
     frame = pd.DataFrame(
         {
             cache.PATH: pd.Series(batch["path"].astype(str).tolist(), dtype=object),
             cache.TEXT: pd.Series(batch["text"].fillna("").astype(str).tolist(), dtype=object),
         }
     )
-    frame[cache.ROW] = -1  # the input row, for messages and for merging results back: set by the reader
+    frame[cache.ROW] = np.arange(first, first + len(frame))  # the input row, for messages and for merging results back
     frame[FILE] = [str(p) for p in resolve_paths(frame[cache.PATH], table_path, config.root)]
     frame[SOURCE] = [source_identity(file) for file in frame[FILE]]
     frame[cache.ID] = [sample_id(p, t) for p, t in zip(frame[cache.PATH], frame[cache.TEXT], strict=True)]

@@ -296,13 +296,6 @@ def test_the_plan_does_not_depend_on_batches_or_spill_files(tmp_path):
         iter_table=lambda path: iter_table(path, batch_rows=7), partition_count=lambda rows: 5,
     )  # fmt: skip
     assert batched == whole
-    from pipelines import dataset
-
-    on_ray = _plan_rows(
-        table_path, tmp_path,
-        read_on_ray=lambda path, address: True, map_table=lambda *args: dataset.map_table(*args, batch_rows=7),
-    )  # fmt: skip
-    assert on_ray == whole  # read and validated by Ray Data tasks, in batches of 7 rows
     reasons = {row["reject_reason"] for row in whole}
     assert {"duplicate row (same path and caption)", "empty caption", None} <= reasons
     assert sum(row["shard"] is not None for row in whole) > 100
