@@ -9,7 +9,6 @@ read whole on the driver and a table streamed through a cluster are read alike.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,54 +114,6 @@ def table_source(path: str | Path):
     if is_parquet(path):
         return ray.data.read_parquet(str(path), columns=columns, file_extensions=None)
     return ray.data.read_csv(str(path), file_extensions=None, **csv_options(columns))
-
-
-IN_PROCESS_BYTES = 256 << 20  # a table up to this size is streamed in the command; larger ones through Ray Data
-
-
-def read_on_ray(table_path: Path, address: str | None) -> bool:
-    """Whether a command reads the table with Ray Data tasks (a large table, or a cluster named)
-    rather than streaming it in its own process."""
-    return address is not None or table_path.stat().st_size > IN_PROCESS_BYTES
-
-
-def map_table(table_path: Path, function, fn_kwargs: dict, batch_rows: int = BATCH_ROWS,
-              progress: bool = False) -> Iterator[pa.Table]:  # fmt: skip
-    """`function(raw batch, **fn_kwargs) -> pa.Table` over the table's batches of `batch_rows`
-    rows, in Ray Data tasks where the cluster reads the table (Ray must be up); the results come
-    back in row order, a block at a time, so the caller never holds the table. A file that
-    cannot be read is a ConfigError naming it, with pyarrow's reason."""
-    from ray.data import DataContext
-    from ray.exceptions import RayError
-
-    context = DataContext.get_current()
-    before = context.execution_options.preserve_order, context.enable_progress_bars
-    context.execution_options.preserve_order = True  # results in row order: the same every run
-    context.enable_progress_bars = progress
-    try:
-        results = table_source(table_path).map_batches(
-            function, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=batch_rows
-        )
-        yield from results.iter_batches(batch_format="pyarrow", batch_size=None)
-    except (pa.ArrowException, OSError, ValueError, RayError) as error:  # a task's error, its cause inside
-        cause = _cause(error)
-    else:
-        return
-    finally:
-        context.execution_options.preserve_order, context.enable_progress_bars = before
-    # Ray's CSV reader drops pyarrow's words (which row, what is wrong): reading the table here,
-    # streaming, raises the ConfigError with them; when it reads, the fault was Ray's or a task's.
-    for _ in iter_table(table_path):
-        pass
-    raise ConfigError(f"cannot read {table_path}: {cause}")
-
-
-def _cause(error: BaseException) -> str:
-    """What went wrong in a task, from the traceback Ray wraps around it: its last
-    `SomethingError: ...` line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Invalid|Exception)\b.*: ", line)]
-    return (causes or lines or [type(error).__name__])[-1]
 
 
 def normalise(batch: pa.Table) -> pd.DataFrame:
