@@ -13,7 +13,9 @@ that reports its own peak resident memory (ru_maxrss):
   instance); the figure is the driver's (the command's) process;
 - with `--plan`, `sora preprocess`'s planning on both tables (read, validate, stat every
   file, find repeated rows, bucket, plan shards and keys, write probe.arrow), streamed like
-  the report, with its whole-table steps on ids spilled to disk.
+  the report, with its whole-table steps on ids spilled to disk; once with the table read,
+  digested and validated in the command's process, once in Ray Data tasks (as it is for a
+  table over 256 MiB, or with `--address`).
 
 All three must give the same report on the same table (checked). Printed: rows, seconds,
 rows/s, peak MB, and rows/s and memory relative to `whole`.
@@ -88,8 +90,8 @@ def run_variant(variant: str, table: str) -> None:
 
     config = load_config(CONFIG, "train")
     start = time.perf_counter()
-    if variant == "preprocess-plan":
-        print(MARK + json.dumps(plan_preprocess(Path(table), config, start)))
+    if variant.startswith("preprocess-plan"):
+        print(MARK + json.dumps(plan_preprocess(Path(table), config, start, on_ray=variant.endswith("ray"))))
         return
     if variant == "whole":
         report = tally_rows(read_table(table), Path(table).absolute(), config).report()
@@ -103,20 +105,23 @@ def run_variant(variant: str, table: str) -> None:
                              "kept": kept}))  # fmt: skip
 
 
-def plan_preprocess(table: Path, config, start: float) -> dict:
+def plan_preprocess(table: Path, config, start: float, on_ray: bool) -> dict:
     """`sora preprocess` up to its encoding: digest the table, then read it again to validate,
     bucket, plan the shards and the encoding keys and write probe.arrow (into a scratch cache
     beside the table). The result names the rows kept per bucket, to compare with the report."""
     from pipelines import cache, preprocess
-    from pipelines.dataset import iter_table, table_columns
+    from pipelines.dataset import table_columns
     from pipelines.reuse import Encodings
 
     columns = table_columns(table)
-    digest, rows_in = preprocess._input_digest(iter_table(table), columns, None)
+    if on_ray:
+        preprocess._connect_and_count_gpus(None)
+    digest, rows_in = preprocess._table_digest(table, columns, None, on_ray)
     parts = cache.fingerprint(config, digest)
     store = cache.Store(table.parent / "scratch-cache")
     with tempfile.TemporaryDirectory(dir=table.parent) as scratch:
-        preprocess._plan(store, "plan", table, columns, rows_in, config, None, Encodings(), parts, preprocess.Reuse(),
+        rows = preprocess._read_table(store, "plan", table, config, on_ray)
+        preprocess._plan(store, "plan", rows, rows_in, config, None, Encodings(), parts, preprocess.Reuse(),
                          Path(scratch))  # fmt: skip
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -147,7 +152,8 @@ def main() -> None:
     parser.add_argument("--whole-on-large", action="store_true", help="also read the large table whole")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     parser.add_argument("--plan", action="store_true", help="also time sora preprocess's planning (whole-rows table)")
-    parser.add_argument("--variant", choices=["whole", "here", "ray", "preprocess-plan"], help=argparse.SUPPRESS)
+    variants = ["whole", "here", "ray", "preprocess-plan", "preprocess-plan-ray"]
+    parser.add_argument("--variant", choices=variants, help=argparse.SUPPRESS)
     parser.add_argument("table", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -162,11 +168,13 @@ def main() -> None:
         runs += [(f"{variant}, {args.whole_rows:,} rows", variant, small) for variant in ("here", "ray")]
         if args.plan:
             runs.append((f"preprocess plan, {args.whole_rows:,}", "preprocess-plan", small))
+            runs.append((f"plan on ray, {args.whole_rows:,}", "preprocess-plan-ray", small))
         if args.whole_on_large:
             runs.append((f"whole, {args.rows:,} rows", "whole", large))
         runs += [(f"{variant}, {args.rows:,} rows", variant, large) for variant in ("here", "ray")]
         if args.plan:
             runs.append((f"preprocess plan, {args.rows:,}", "preprocess-plan", large))
+            runs.append((f"plan on ray, {args.rows:,}", "preprocess-plan-ray", large))
         results = [(name, measure(variant, table)) for name, variant, table in runs]
         sizes = {"small": small.stat().st_size, "large": large.stat().st_size}
 

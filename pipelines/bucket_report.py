@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,23 +30,22 @@ from pipelines.cache import (
     check_cache_matches,
 )
 from pipelines.cluster import connect
-from pipelines.config import ConfigError, TrainConfig
+from pipelines.config import TrainConfig
 from pipelines.dataset import (
     BATCH_ROWS,
     SIZE_COLUMNS,
     is_parquet,
     iter_table,
+    map_table,
     normalise,
     read_metadata,
+    reads_on_ray,
     resolve_paths,
     row_problems,
     sample_id,
     table_columns,
-    table_source,
 )
 from pipelines.probe import ProbeError, probe
-
-IN_PROCESS_BYTES = 256 << 20  # a table up to this size is streamed in this process; larger ones through Ray Data
 
 
 def report_from_table(
@@ -66,7 +64,7 @@ def report_from_table(
         config = dataclasses.replace(config, root=str(Path(config.root).absolute()))
     table_columns(table_path)  # a missing file or column fails here, before Ray starts
     if on_ray is None:
-        on_ray = address is not None or table_path.stat().st_size > IN_PROCESS_BYTES
+        on_ray = reads_on_ray(table_path, address)
     tally = Tally(config.buckets)
     if on_ray:
         for text in _tallies_on_ray(table_path, config, progress, address, batch_rows):
@@ -129,40 +127,10 @@ def _name(path: str, text: str) -> str:
 def _tallies_on_ray(table_path: Path, config: TrainConfig, progress: bool, address: str | None,
                     batch_rows: int) -> Iterator[str]:  # fmt: skip
     """Each batch's tally, in row order, computed where Ray Data reads the table."""
-    from ray.data import DataContext
-    from ray.exceptions import RayError
-
     connect(address, local_cpus=os.cpu_count() or 1)
-    context = DataContext.get_current()
-    before = context.execution_options.preserve_order, context.enable_progress_bars
-    context.execution_options.preserve_order = True  # tallies merge in row order: the same examples every run
-    context.enable_progress_bars = progress
-    try:
-        tallies = table_source(table_path).map_batches(
-            _tally_batch, fn_kwargs={"table_path": table_path, "config": config},
-            batch_format="pyarrow", batch_size=batch_rows,
-        )  # fmt: skip
-        for row in tallies.iter_rows():
-            yield row["tally"]
-    except (pa.ArrowException, OSError, ValueError, RayError) as error:  # a task's error, its cause inside
-        cause = _cause(error)
-    else:
-        return
-    finally:
-        context.execution_options.preserve_order, context.enable_progress_bars = before
-    # Ray's CSV reader drops pyarrow's words (which row, what is wrong): reading the table here,
-    # streaming, raises the ConfigError with them; when it reads, the fault was Ray's or a task's.
-    for _ in iter_table(table_path):
-        pass
-    raise ConfigError(f"cannot read {table_path}: {cause}")
-
-
-def _cause(error: BaseException) -> str:
-    """What went wrong in a task, from the traceback Ray wraps around it: its last
-    `SomethingError: ...` line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Invalid|Exception)\b.*: ", line)]
-    return (causes or lines or [type(error).__name__])[-1]
+    kwargs = {"table_path": table_path, "config": config}
+    for record in map_table(table_path, _tally_batch, kwargs, batch_rows, progress):
+        yield record["tally"]
 
 
 def _tally_batch(batch: pa.Table, table_path: Path, config: TrainConfig) -> dict[str, list[str]]:

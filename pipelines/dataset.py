@@ -9,7 +9,8 @@ read whole on the driver and a table streamed through a cluster are read alike.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,7 @@ BATCH_ROWS = 65_536  # rows a batch of `iter_table` holds (a few MB)
 # Bytes of CSV text the reader parses at a time: as fast as larger blocks here, and with larger
 # ones (8 MB) the reader's memory grew with the rows read (~30 MB per million).
 CSV_BLOCK_BYTES = 1 << 20
+IN_PROCESS_BYTES = 256 << 20  # a table up to this size is streamed in the command; larger ones through Ray Data
 
 
 def is_parquet(path: str | Path) -> bool:
@@ -114,6 +116,53 @@ def table_source(path: str | Path):
     if is_parquet(path):
         return ray.data.read_parquet(str(path), columns=columns, file_extensions=None)
     return ray.data.read_csv(str(path), file_extensions=None, **csv_options(columns))
+
+
+def reads_on_ray(table_path: str | Path, address: str | None) -> bool:
+    """Whether a command reads the table in Ray Data tasks (a large table, or a cluster named)
+    rather than streaming it in its own process: Ray's start-up costs more than a small table's read."""
+    return address is not None or Path(table_path).stat().st_size > IN_PROCESS_BYTES
+
+
+def map_table(table_path: str | Path, function: Callable[..., dict[str, list]], fn_kwargs: dict,
+              batch_rows: int = BATCH_ROWS, progress: bool = False) -> Iterator[dict]:  # fmt: skip
+    """`function(raw batch, **fn_kwargs)` over the table's batches of `batch_rows` rows, run in
+    Ray Data tasks where the cluster reads the table (Ray must be up). Its result is a small
+    record per batch (`{"name": [value]}`: a tally, the name of a file it wrote), never the rows:
+    the records come back in row order and the caller holds a few of them, whatever the table's
+    size and however far ahead the tasks run. A file that cannot be read is a ConfigError naming
+    it, with pyarrow's reason."""
+    from ray.data import DataContext
+    from ray.exceptions import RayError
+
+    context = DataContext.get_current()
+    before = context.execution_options.preserve_order, context.enable_progress_bars
+    context.execution_options.preserve_order = True  # records in row order: the same every run
+    context.enable_progress_bars = progress
+    try:
+        records = table_source(table_path).map_batches(
+            function, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=batch_rows
+        )
+        yield from records.iter_rows()
+    except (pa.ArrowException, OSError, ValueError, RayError) as error:  # a task's error, its cause inside
+        cause = _cause(error)
+    else:
+        return
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = before
+    # Ray's CSV reader drops pyarrow's words (which row, what is wrong): reading the table here,
+    # streaming, raises the ConfigError with them; when it reads, the fault was Ray's or a task's.
+    for _ in iter_table(table_path):
+        pass
+    raise ConfigError(f"cannot read {table_path}: {cause}")
+
+
+def _cause(error: BaseException) -> str:
+    """What went wrong in a task, from the traceback Ray wraps around it: its last
+    `SomethingError: ...` line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Invalid|Exception)\b.*: ", line)]
+    return (causes or lines or [type(error).__name__])[-1]
 
 
 def normalise(batch: pa.Table) -> pd.DataFrame:

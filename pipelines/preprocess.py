@@ -22,6 +22,7 @@ byte what a clean build writes. Readers keep the current version until the manif
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +67,10 @@ from pipelines.dataset import (
     BATCH_ROWS,
     METADATA_COLUMNS,
     iter_table,
+    map_table,
+    normalise,
     read_metadata,
+    reads_on_ray,
     resolve_paths,
     row_problems,
     sample_id,
@@ -90,6 +95,8 @@ from pipelines.spill import Spill, new_stream, open_stream, partition_count
 from sora_model.loading import torch_dtype
 
 SCRATCH_DIR = "scratch"  # <cache>/.work/<id>/scratch: the run's spill files
+READ_DIR = "read"  # <cache>/.work/<id>/read: the rows Ray Data tasks read, a file per batch, until the plan takes them
+ROW_HASH_BYTES = 16  # the input digest is taken over a digest of each row of this size
 FILE = "file"  # a working column: the path resolved for this machine; never written
 SOURCE_SIZE = [SRC_NUM_FRAMES, SRC_HEIGHT, SRC_WIDTH]  # what bucketing needs of each row
 
@@ -407,17 +414,26 @@ def _log(message: str) -> None:
 
 
 def preprocess(
-    config: TrainConfig, cache_dir: str | Path, address: str | None = None, reuse: Sequence[str] = ()
-) -> Summary:
+    config: TrainConfig, cache_dir: str | Path, address: str | None = None, reuse: Sequence[str] = (),
+    on_ray: bool | None = None,
+) -> Summary:  # fmt: skip
     """Build (or resume building) the cache version of `config.data_path` and `config` in
     `cache_dir`, taking every encoding whose key is unchanged from the folder's current version
-    and from the finished caches `reuse` names; switch to it when it is complete."""
+    and from the finished caches `reuse` names; switch to it when it is complete.
+
+    The table is read and validated in Ray Data tasks when it is large or `address` names a
+    cluster (`reads_on_ray`; `on_ray` decides instead when given), else streamed in this process:
+    the cache is the same either way."""
     if config.data_path is None:
         raise ConfigError("no input table: give DATA.csv (or set data_path in the config)")
     store = cache.Store(cache_dir)
     table_path = Path(config.data_path)
     columns = table_columns(table_path)  # fails here, before any work, on a missing file or column
-    digest, rows_in = _input_digest(iter_table(table_path), columns, config.root)
+    if on_ray is None:
+        on_ray = reads_on_ray(table_path, address)
+    if on_ray:
+        _connect_and_count_gpus(address)
+    digest, rows_in = _table_digest(table_path, columns, config.root, on_ray)
     parts = cache.fingerprint(config, digest)
     version = cache.version_name(parts)
     current = cache.Cache(store.location) if store.exists(cache.MANIFEST) else None  # refuses older formats
@@ -443,7 +459,8 @@ def preprocess(
     stats = Reuse()
     with _scratch(store, work) as scratch:
         if not store.exists(f"{version}/{cache.PROBE}"):
-            _plan(store, version, table_path, columns, rows_in, config, address, encodings, parts, stats, scratch)
+            rows = _read_table(store, version, table_path, config, on_ray)
+            _plan(store, version, rows, rows_in, config, address, encodings, parts, stats, scratch)
 
         def shards() -> Iterator[tuple[str, pd.DataFrame]]:
             return _planned_shards(store, version, scratch)
@@ -499,21 +516,48 @@ def _remove_other_versions(store: cache.Store, keep: set[str]) -> None:
             store.delete_dir(f"{cache.WORK_DIR}/{relative}")
 
 
-def _input_digest(frames: Iterable[pd.DataFrame], columns: Sequence[str], root: str | None) -> tuple[str, int]:
+def _table_digest(table_path: Path, columns: Sequence[str], root: str | None, on_ray: bool) -> tuple[str, int]:
+    """`_input_digest` of the table, its rows digested in this process or in Ray Data tasks (`on_ray`)."""
+    columns = _digest_columns(columns)
+    if not on_ray:
+        return _input_digest((_row_hashes(frame, columns) for frame in iter_table(table_path)), columns, root)
+    records = map_table(table_path.absolute(), _hash_batch, {"columns": columns})
+    return _input_digest((record["hashes"] for record in records), columns, root)
+
+
+def _digest_columns(columns: Sequence[str]) -> list[str]:
+    """The columns the input digest covers: path, caption and the metadata columns the table has
+    (`columns`: the columns it has of those)."""
+    return ["path", "text", *(column for column in METADATA_COLUMNS if column in columns)]
+
+
+def _row_hashes(frame: pd.DataFrame, columns: list[str]) -> bytes:
+    """A digest of each row of a batch (`ROW_HASH_BYTES` each, in order) over `columns`. Stored
+    numbers are written as floats: a batch of integers with a null comes as floats, one without
+    as integers, and the digest must not depend on batches."""
+    table = frame[columns].apply(lambda c: c.astype("float64") if c.dtype.kind in "iub" else c)
+    values = table.astype(object).where(table.notna(), "").astype(str)
+    return b"".join(
+        hashlib.blake2b("\0".join(row).encode(), digest_size=ROW_HASH_BYTES).digest()
+        for row in values.itertuples(index=False, name=None)
+    )
+
+
+def _hash_batch(batch: pa.Table, columns: list[str]) -> dict[str, list]:
+    """In a Ray Data task: a raw batch's row digests."""
+    return {"hashes": [_row_hashes(normalise(batch), columns)]}
+
+
+def _input_digest(row_hashes: Iterable[bytes], columns: list[str], root: str | None) -> tuple[str, int]:
     """What of the input decides the cache's bytes: every row's path, caption and metadata columns
     (a corrected num_frames re-buckets its row), and `root`, which relative paths resolve against;
-    and the table's rows. `frames`: the table's batches in order (`iter_table`), `columns`: the
-    columns it has of those. Stored numbers are written as floats: a batch of integers with a
-    null comes as floats, one without as integers, and the digest must not depend on batches."""
-    columns = ["path", "text", *(column for column in METADATA_COLUMNS if column in columns)]
+    and the table's rows. `row_hashes`: `_row_hashes` of the table's batches in order, however
+    the table was cut into batches."""
     digest = hashlib.sha256(f"root={root}\ncolumns={','.join(columns)}\n".encode())
     rows = 0
-    for table in frames:
-        table = table[columns].apply(lambda c: c.astype("float64") if c.dtype.kind in "iub" else c)
-        values = table.astype(object).where(table.notna(), "").astype(str)
-        for row in values.itertuples(index=False, name=None):
-            digest.update(("\0".join(row) + "\n").encode())
-        rows += len(table)
+    for hashes in row_hashes:
+        digest.update(hashes)
+        rows += len(hashes) // ROW_HASH_BYTES
     return digest.hexdigest()[:16], rows
 
 
@@ -574,8 +618,8 @@ def _earlier_probes(encodings: Encodings) -> pd.DataFrame:
     return earlier.drop_duplicates(SOURCE).set_index(SOURCE)[PROBE_RESULTS]
 
 
-def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str], rows_in: int,
-          config: TrainConfig, address: str | None, encodings: Encodings, parts: dict[str, str], stats: Reuse,
+def _plan(store: cache.Store, version: str, read_rows: Iterator[pd.DataFrame], rows_in: int, config: TrainConfig,
+          address: str | None, encodings: Encodings, parts: dict[str, str], stats: Reuse,
           scratch: Path) -> None:  # fmt: skip
     """Write probe.arrow: every input row, in the input's order, with its probe metadata, bucket or
     drop reason, shard and encoding keys.
@@ -584,20 +628,19 @@ def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str]
     probed where it lacks metadata, bucketed and keyed on its own. The two steps that need the
     whole table, which rows repeat an earlier one and the shard plan (per bucket, rows in id
     order), work on ids spilled to local disk (`pipelines/spill.py`). Memory: a few batches and
-    a spill file, however many rows the table has. `rows_in`: the table's rows, as the digest
-    read them."""
+    a spill file, however many rows the table has. `read_rows`: the table's rows as
+    `_read_table` reads them; `rows_in`: the table's rows, as the digest read them."""
     read, planned = scratch / "read.arrow", scratch / "planned.arrow"
     ids = Spill(scratch, "ids", ID_SCHEMA, cache.ID, partition_count(rows_in))
     rows = 0
     with new_stream(read, READ_SCHEMA) as sink, _progress("read", rows_in) as bar:
-        for batch in iter_table(table_path):
-            frame = _read_rows(batch, rows, table_path, config)
+        for frame in read_rows:
             sink.write_table(_to_arrow(frame, READ_SCHEMA))
             ids.add(frame)
             rows += len(frame)
             bar.update(len(frame))
     if rows != rows_in:
-        raise ConfigError(f"{table_path} changed while it was read ({rows_in} rows, then {rows}); run again")
+        raise ConfigError(f"{config.data_path} changed while it was read ({rows_in} rows, then {rows}); run again")
     repeated = [np.empty(0, np.int64)]  # rows of a path and caption an earlier row has
     for part in ids.sorted([cache.ID, cache.ROW]):
         repeated.append(part.column(cache.ROW).to_numpy()[part.to_pandas()[cache.ID].duplicated().to_numpy()])
@@ -637,6 +680,46 @@ def _plan(store: cache.Store, version: str, table_path: Path, columns: list[str]
 def _progress(what: str, rows: int):
     """A progress bar on stderr for tables of more than a batch (a small table's plan takes no time)."""
     return tqdm(total=rows, desc=what, unit="row", unit_scale=True, file=sys.stderr, disable=rows <= BATCH_ROWS)
+
+
+def _read_table(store: cache.Store, version: str, table_path: Path, config: TrainConfig,
+                on_ray: bool) -> Iterator[pd.DataFrame]:  # fmt: skip
+    """The input's rows as the plan's first columns (`_read_rows`), in order, numbered from 0:
+    read and validated in this process, or (`on_ray`) in Ray Data tasks where the cluster reads
+    the table. Each task writes its batch's rows to a file of the cache's work folder and returns
+    the file's name: the rows pass through neither Ray's object store nor, more than a batch at a
+    time, this process, however far ahead of it the tasks run. So that a worker on another node
+    can write there, that folder is where the cache is (shared storage or a URI)."""
+    first = 0
+    if not on_ray:
+        for batch in iter_table(table_path):
+            frame = _read_rows(batch, first, table_path, config)
+            first += len(frame)
+            yield frame
+        return
+    folder = f"{cache.WORK_DIR}/{version}/{READ_DIR}"
+    store.delete_dir(folder)  # a killed run's
+    table_path = table_path.absolute()  # workers resolve relative file paths against it, and against root
+    task_config = dataclasses.replace(config, root=str(Path(config.root).absolute())) if config.root else config
+    location = store.location if "://" in store.location else store.root
+    kwargs = {"location": location, "folder": folder, "table_path": table_path, "config": task_config}
+    try:
+        for record in map_table(table_path, _read_batch, kwargs):
+            frame = _to_frame(store.read_table(record["part"]))
+            store.delete_file(record["part"])
+            frame[cache.ROW] += first
+            first += len(frame)
+            yield frame
+    finally:
+        store.delete_dir(folder)
+
+
+def _read_batch(batch: pa.Table, location: str, folder: str, table_path: Path, config: TrainConfig) -> dict[str, list]:
+    """In a Ray Data task: `_read_rows` of a raw batch (numbered from 0), written to a new file in
+    the cache's `folder`; returns its name."""
+    part = f"{folder}/{uuid.uuid4().hex}.arrow"
+    cache.Store(location).write_table(part, _to_arrow(_read_rows(normalise(batch), 0, table_path, config), READ_SCHEMA))
+    return {"part": [part]}
 
 
 def _read_rows(batch: pd.DataFrame, first: int, table_path: Path, config: TrainConfig) -> pd.DataFrame:

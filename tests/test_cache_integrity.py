@@ -120,22 +120,26 @@ def test_the_input_fingerprint_covers_metadata_columns_and_root():
     """A corrected num_frames (or another root) must not leave the old cache "up to date"."""
     import pandas as pd
 
-    from pipelines.preprocess import _input_digest
+    from pipelines.preprocess import _digest_columns, _input_digest, _row_hashes
 
     table = pd.DataFrame({"path": ["a.mp4", "b.mp4"], "text": ["x", None], "num_frames": [10, 20], "fps": [24.0, None]})
 
+    def digest_of(frames, root=None):
+        columns = _digest_columns(list(frames[0].columns))
+        return _input_digest([_row_hashes(frame, columns) for frame in frames], columns, root)
+
     def digest(frame, root=None):
-        found, rows = _input_digest([frame], list(frame.columns), root)
+        found, rows = digest_of([frame], root)
         assert rows == len(frame)
         return found
 
     base = digest(table)
     assert digest(table.copy()) == base
-    assert _input_digest([table.iloc[:1], table.iloc[1:]], list(table.columns), None) == (base, 2)  # however batched
+    assert digest_of([table.iloc[:1], table.iloc[1:]]) == (base, 2)  # however batched
     # A Parquet batch of integers with a null comes as floats, one without as integers: the same digest.
     gaps = table.assign(num_frames=[10, None])
-    assert _input_digest([gaps.iloc[:1].astype({"num_frames": "int64"}), gaps.iloc[1:]], list(table.columns), None) == (
-        digest(gaps), 2)  # fmt: skip
+    assert digest_of([gaps.iloc[:1].astype({"num_frames": "int64"}), gaps.iloc[1:]]) == (digest(gaps), 2)
+    assert digest(table.iloc[::-1]) != base  # the order of rows counts
     assert digest(table.assign(num_frames=[10, 21])) != base
     assert digest(table.assign(fps=[24.0, 30.0])) != base
     assert digest(table, "/data") != base

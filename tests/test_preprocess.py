@@ -234,8 +234,9 @@ def test_frame_indices(src, t, interval, factor, expected):
     assert frame_indices(src, t, interval, factor).tolist() == expected
 
 
-def _plan_rows(table_path, tmp_path, config_changes=None, **patches):
-    """`_plan` of a table into a scratch store: probe.arrow's rows as dicts."""
+def _plan_rows(table_path, tmp_path, config_changes=None, on_ray=False, **patches):
+    """`_plan` of a table into a scratch store: probe.arrow's rows as dicts. `on_ray`: the table
+    read and validated in Ray Data tasks (Ray must be up)."""
     from pipelines import cache, preprocess
     from pipelines.config import load_config
     from pipelines.dataset import table_columns
@@ -249,13 +250,14 @@ def _plan_rows(table_path, tmp_path, config_changes=None, **patches):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in patches.items():
             patch.setattr(preprocess, name, value)
-        _, rows = preprocess._input_digest(preprocess.iter_table(table_path), columns, None)
+        _, rows = preprocess._table_digest(table_path, columns, None, on_ray)
         parts = {"vae": "v", "text_encoder": "t", "model_max_length": "8", "dtype": "fp32"}
-        preprocess._plan(store, "v", table_path, columns, rows, config, None, Encodings(), parts, preprocess.Reuse(),
-                         scratch)  # fmt: skip
+        read = preprocess._read_table(store, "v", table_path, config, on_ray)
+        preprocess._plan(store, "v", read, rows, config, None, Encodings(), parts, preprocess.Reuse(), scratch)
     rows = store.read_table("v/probe.arrow").to_pylist()
     store.delete_dir("v")
     assert not list(scratch.iterdir())  # nothing spilled is left
+    assert not store.folders(f"{cache.WORK_DIR}/v")  # nor a part file a read task wrote
     return rows
 
 
@@ -277,7 +279,9 @@ def test_validate_stage_rejects_rows_that_cannot_be_used(tmp_path):
 
 def test_the_plan_does_not_depend_on_batches_or_spill_files(tmp_path):
     """A table larger than memory is planned a batch at a time, with repeated rows and the shard
-    plan found on ids spilled to several files: the plan is the one a single batch gives."""
+    plan found on ids spilled to several files, its rows read in this process or by Ray Data
+    tasks: the plan is the one a single batch gives."""
+    from pipelines import preprocess
     from pipelines.dataset import iter_table
 
     rng = np.random.default_rng(3)
@@ -296,6 +300,19 @@ def test_the_plan_does_not_depend_on_batches_or_spill_files(tmp_path):
         iter_table=lambda path: iter_table(path, batch_rows=7), partition_count=lambda rows: 5,
     )  # fmt: skip
     assert batched == whole
+    import ray
+
+    from pipelines.dataset import map_table
+
+    preprocess._connect_and_count_gpus(None)
+    try:  # read and validated by Ray Data tasks, a batch of 7 rows each, written to files
+        on_ray = _plan_rows(
+            tmp_path=tmp_path, table_path=table_path, on_ray=True,
+            map_table=lambda *args: map_table(*args, batch_rows=7), partition_count=lambda rows: 5,
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert on_ray == whole
     reasons = {row["reject_reason"] for row in whole}
     assert {"duplicate row (same path and caption)", "empty caption", None} <= reasons
     assert sum(row["shard"] is not None for row in whole) > 100
