@@ -114,7 +114,7 @@ def table_source(path: str | Path):
     path = Path(path).absolute()
     columns = table_columns(path)
     if is_parquet(path):
-        return ray.data.read_parquet(str(path), columns=columns, file_extensions=None)
+        return ray.data.read_parquet(str(path), file_extensions=None).select_columns(columns)  # pushed into the read
     return ray.data.read_csv(str(path), file_extensions=None, **csv_options(columns))
 
 
@@ -131,7 +131,7 @@ def map_table(table_path: str | Path, function: Callable[..., dict[str, list]], 
     record per batch (`{"name": [value]}`: a tally, the name of a file it wrote), never the rows:
     the records come back in row order and the caller holds a few of them, whatever the table's
     size and however far ahead the tasks run. A file that cannot be read is a ConfigError naming
-    it, with pyarrow's reason."""
+    it, with pyarrow's reason; a ConfigError a task raises reaches the caller as it was."""
     from ray.data import DataContext
     from ray.exceptions import RayError
 
@@ -146,15 +146,26 @@ def map_table(table_path: str | Path, function: Callable[..., dict[str, list]], 
         yield from records.iter_rows()
     except (pa.ArrowException, OSError, ValueError, RayError) as error:  # a task's error, its cause inside
         cause = _cause(error)
+        said = _config_error(error)
     else:
         return
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = before
+    if said:  # a task's own words (a file it could not write): the table is not to blame
+        raise ConfigError(said) from None
     # Ray's CSV reader drops pyarrow's words (which row, what is wrong): reading the table here,
     # streaming, raises the ConfigError with them; when it reads, the fault was Ray's or a task's.
     for _ in iter_table(table_path):
         pass
     raise ConfigError(f"cannot read {table_path}: {cause}")
+
+
+def _config_error(error: BaseException) -> str | None:
+    """The message of a ConfigError a task raised, from the traceback Ray wraps around it (Ray
+    Data passes on its text, not the exception)."""
+    mark = f"{ConfigError.__module__}.{ConfigError.__qualname__}: "
+    said = [line.strip()[len(mark) :] for line in str(error).splitlines() if line.strip().startswith(mark)]
+    return said[-1] if said else None
 
 
 def _cause(error: BaseException) -> str:

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -96,6 +97,7 @@ from sora_model.loading import torch_dtype
 
 SCRATCH_DIR = "scratch"  # <cache>/.work/<id>/scratch: the run's spill files
 READ_DIR = "read"  # <cache>/.work/<id>/read: the rows Ray Data tasks read, a file per batch, until the plan takes them
+READ_MARK = "command"  # in READ_DIR, written by the command: a task that cannot see it writes elsewhere
 ROW_HASH_BYTES = 16  # the input digest is taken over a digest of each row of this size
 FILE = "file"  # a working column: the path resolved for this machine; never written
 SOURCE_SIZE = [SRC_NUM_FRAMES, SRC_HEIGHT, SRC_WIDTH]  # what bucketing needs of each row
@@ -459,8 +461,8 @@ def preprocess(
     stats = Reuse()
     with _scratch(store, work) as scratch:
         if not store.exists(f"{version}/{cache.PROBE}"):
-            rows = _read_table(store, version, table_path, config, on_ray)
-            _plan(store, version, rows, rows_in, config, address, encodings, parts, stats, scratch)
+            with contextlib.closing(_read_table(store, version, table_path, config, on_ray)) as rows:
+                _plan(store, version, rows, rows_in, config, address, encodings, parts, stats, scratch)
 
         def shards() -> Iterator[tuple[str, pd.DataFrame]]:
             return _planned_shards(store, version, scratch)
@@ -521,8 +523,8 @@ def _table_digest(table_path: Path, columns: Sequence[str], root: str | None, on
     columns = _digest_columns(columns)
     if not on_ray:
         return _input_digest((_row_hashes(frame, columns) for frame in iter_table(table_path)), columns, root)
-    records = map_table(table_path.absolute(), _hash_batch, {"columns": columns})
-    return _input_digest((record["hashes"] for record in records), columns, root)
+    with contextlib.closing(map_table(table_path, _hash_batch, {"columns": columns})) as records:
+        return _input_digest((record["hashes"] for record in records), columns, root)
 
 
 def _digest_columns(columns: Sequence[str]) -> list[str]:
@@ -689,7 +691,8 @@ def _read_table(store: cache.Store, version: str, table_path: Path, config: Trai
     the table. Each task writes its batch's rows to a file of the cache's work folder and returns
     the file's name: the rows pass through neither Ray's object store nor, more than a batch at a
     time, this process, however far ahead of it the tasks run. So that a worker on another node
-    can write there, that folder is where the cache is (shared storage or a URI)."""
+    can write there, that folder is where the cache is (shared storage or a URI): a task that
+    does not find the folder this process made says so."""
     first = 0
     if not on_ray:
         for batch in iter_table(table_path):
@@ -699,26 +702,47 @@ def _read_table(store: cache.Store, version: str, table_path: Path, config: Trai
         return
     folder = f"{cache.WORK_DIR}/{version}/{READ_DIR}"
     store.delete_dir(folder)  # a killed run's
-    table_path = table_path.absolute()  # workers resolve relative file paths against it, and against root
+    store.write_bytes(f"{folder}/{READ_MARK}", b"")
+    task_path = table_path.absolute()  # workers resolve relative file paths against it, and against root
     task_config = dataclasses.replace(config, root=str(Path(config.root).absolute())) if config.root else config
     location = store.location if "://" in store.location else store.root
-    kwargs = {"location": location, "folder": folder, "table_path": table_path, "config": task_config}
+    kwargs = {"location": location, "folder": folder, "table_path": task_path, "config": task_config}
     try:
-        for record in map_table(table_path, _read_batch, kwargs):
-            frame = _to_frame(store.read_table(record["part"]))
-            store.delete_file(record["part"])
-            frame[cache.ROW] += first
-            first += len(frame)
-            yield frame
+        with contextlib.closing(map_table(table_path, _read_batch, kwargs)) as records:
+            for record in records:
+                try:
+                    frame = _to_frame(store.read_table(record["part"]))
+                except FileNotFoundError:
+                    raise ConfigError(
+                        f"a Ray task wrote {store.path(record['part'])} on a machine where this one cannot "
+                        "read it: on a cluster the cache must be on shared storage (the same path on every "
+                        "node) or at a URI; delete that folder on the other nodes"
+                    ) from None
+                store.delete_file(record["part"])
+                frame[cache.ROW] += first
+                first += len(frame)
+                yield frame
     finally:
         store.delete_dir(folder)
 
 
 def _read_batch(batch: pa.Table, location: str, folder: str, table_path: Path, config: TrainConfig) -> dict[str, list]:
     """In a Ray Data task: `_read_rows` of a raw batch (numbered from 0), written to a new file in
-    the cache's `folder`; returns its name."""
+    the cache's `folder`; returns its name. The folder must be the one the command made, not one
+    of this machine's own."""
+    store = cache.Store(location)
+    if not store.exists(f"{folder}/{READ_MARK}"):
+        raise ConfigError(
+            f"the cache {location} is not shared with the machine that runs the command (this task "
+            f"runs on {socket.gethostname()}): on a cluster the cache must be on shared storage, at the same "
+            "path on every node, or at a URI"
+        )
     part = f"{folder}/{uuid.uuid4().hex}.arrow"
-    cache.Store(location).write_table(part, _to_arrow(_read_rows(normalise(batch), 0, table_path, config), READ_SCHEMA))
+    frame = _read_rows(normalise(batch), 0, table_path, config)
+    try:
+        store.write_table(part, _to_arrow(frame, READ_SCHEMA))
+    except OSError as error:  # a full disk, no permission
+        raise ConfigError(f"cannot write {store.path(part)}: {error}") from None
     return {"part": [part]}
 
 

@@ -300,19 +300,38 @@ def test_the_plan_does_not_depend_on_batches_or_spill_files(tmp_path):
         iter_table=lambda path: iter_table(path, batch_rows=7), partition_count=lambda rows: 5,
     )  # fmt: skip
     assert batched == whole
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
 
-    from pipelines.dataset import map_table
+    from pipelines.config import ConfigError, load_config
+    from pipelines.dataset import map_table, table_columns
 
+    parquet = tmp_path / "data.parquet"  # integers with nulls in some row groups only: floats in those
+    numbers = pd.read_csv(table_path).astype({"fps": "Int64"})
+    pq.write_table(pa.Table.from_pandas(numbers, preserve_index=False), parquet, row_group_size=40)
+    digests = {}
     preprocess._connect_and_count_gpus(None)
     try:  # read and validated by Ray Data tasks, a batch of 7 rows each, written to files
         on_ray = _plan_rows(
             tmp_path=tmp_path, table_path=table_path, on_ray=True,
             map_table=lambda *args: map_table(*args, batch_rows=7), partition_count=lambda rows: 5,
         )  # fmt: skip
+        for path, on_ray_too in [(path, ray_too) for path in (table_path, parquet) for ray_too in (False, True)]:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(preprocess, "map_table", lambda *args: map_table(*args, batch_rows=7))
+                digests[path.suffix, on_ray_too] = preprocess._table_digest(path, table_columns(path), None, on_ray_too)
+        with pytest.MonkeyPatch.context() as patch:  # a task that finds another cache than the command's
+            patch.setattr("pipelines.dataset.iter_table", lambda path: pytest.fail("the table is not to blame"))
+            kwargs = {"location": str(tmp_path / "elsewhere"), "folder": "read", "table_path": table_path,
+                      "config": load_config("configs/debug/train.py", "train")}  # fmt: skip
+            with pytest.raises(ConfigError, match=r"elsewhere is not shared with the machine that runs"):
+                list(map_table(table_path, preprocess._read_batch, kwargs))
     finally:
         ray.shutdown()
     assert on_ray == whole
+    assert digests[".csv", True] == digests[".csv", False] and digests[".csv", False][1] == 300
+    assert digests[".parquet", True] == digests[".parquet", False]
     reasons = {row["reject_reason"] for row in whole}
     assert {"duplicate row (same path and caption)", "empty caption", None} <= reasons
     assert sum(row["shard"] is not None for row in whole) > 100
