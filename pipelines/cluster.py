@@ -28,8 +28,23 @@ def connect(address: str | None, local_cpus: int, runtime_env: dict[str, Any] | 
     # `ray serve deploy`) or the stale record of a crashed one: address="local" never joins them.
     global _REAPER
     _REAPER = reaper.start()  # stops what the instance left running, however this command ends
+    runtime_env = {"worker_process_setup_hook": "pipelines.cluster.quiet_local_worker", **(runtime_env or {})}
     ray.init(address="local", num_cpus=local_cpus, include_dashboard=False, runtime_env=runtime_env,
              log_to_driver=log_to_driver)  # fmt: skip
+
+
+# Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, whether
+# the run's controller is alive, every second, and warns each time it cannot. A local instance
+# has no dashboard (it would cost a small machine a core's worth of start-up), and its placement
+# groups end with it anyway, so its warnings are noise: hundreds of lines in a demo's output.
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_worker() -> None:
+    """Every worker process of a local instance runs this first (`worker_process_setup_hook`)."""
+    import logging
+
+    logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 _REAPER = None  # the watcher of this process's local Ray instance (its pipe closes when we exit)

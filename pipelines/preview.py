@@ -10,9 +10,10 @@ per prompt with the training config's own VAE, text encoder and scheduler, and w
     contact_sheet.png         a few frames of every preview, its prompt under each row
 
 and adds the sheet to the experiment's TensorBoard as the image `preview`. Under Ray the work
-runs in an actor of its own (`Previewer`) at the lowest CPU priority (nice 19), one step after
-another, so the training step never waits for it; training waits for the last previews only
-after its last step.
+runs in an actor of its own (`Previewer`) at the lowest CPU priority (`lowest_priority`: Linux's
+SCHED_IDLE, which runs only on a core nothing else wants, else nice 19) with one thread, one step
+after another, so the training step never waits for it; training waits for the last previews
+only after its last step.
 
 Previews are drawn at the size of the cache's largest bucket (the size the model saw most),
 with the training config's `scheduler` settings (`num_sampling_steps`, `cfg_scale`).
@@ -35,7 +36,7 @@ from sora_model.stdit import UNKNOWN_FPS
 PREVIEWS = "previews"
 WEIGHTS = "ema.safetensors"  # a preview step's EMA weights when the step wrote no checkpoint
 SHEET = "contact_sheet.png"
-LOWEST_PRIORITY = 19  # nice value of a preview task
+LOWEST_PRIORITY = 19  # nice value of a preview task where SCHED_IDLE is not available
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,10 @@ class Previewer:
 
     def __init__(self, niced: bool = False) -> None:
         if niced:
-            os.nice(LOWEST_PRIORITY - os.nice(0))
+            import torch
+
+            lowest_priority()
+            torch.set_num_threads(1)  # one core's worth at most, whatever the node has spare
         self.sampler = None
 
     def render(self, task: PreviewTask) -> Path:
@@ -85,6 +89,24 @@ class Previewer:
             writer.add_image("preview", np.asarray(image.convert("RGB")), task.step, dataformats="HWC")
         writer.close()
         return sheet
+
+
+def lowest_priority() -> str:
+    """Put every thread of this process at the lowest CPU priority; returns which one it got.
+
+    SCHED_IDLE (Linux) runs a thread only on a core no other thread wants, and a waking training
+    thread takes the core back at once; nice 19 still gets a small share (about 1.5 %) of a busy
+    core, and only the calling thread's. Threads started later inherit the setting."""
+    threads = [int(name) for name in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            for thread in threads:
+                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError:  # a thread gone meanwhile, or a kernel without it: nice does what it can
+            pass
+    os.nice(LOWEST_PRIORITY - os.nice(0))
+    return f"nice {LOWEST_PRIORITY}"
 
 
 def preview_dir(experiment: Path, global_step: int) -> Path:

@@ -105,7 +105,11 @@ def train(
         raise ConfigError(
             "no bucket yields a full batch for every data-parallel group: lower batch sizes or num_workers"
         )
-    connect(address, local_cpus=max(4, math.ceil(num_workers * config.worker_cpus) + 1), log_to_driver=True)
+    # Ray Train turns a worker's print into a log record as well as the print itself: every step
+    # line would reach the user twice (stdout and stderr). Its prints stay plain prints.
+    quiet_prints = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    connect(address, local_cpus=max(4, math.ceil(num_workers * config.worker_cpus) + 1), runtime_env=quiet_prints,
+            log_to_driver=True)  # fmt: skip
     device = decide_device(use_gpu, ray.cluster_resources().get("GPU", 0), num_workers, config.dtype)
     print(device.describe(), flush=True)
     resume = None
@@ -173,7 +177,7 @@ class RayHooks:
 
         if self.previewer is None:
             # On this node (the weights are on its disk), reserving no CPU: the workers hold
-            # them, and a niced process only takes what they leave.
+            # them, and a process at the lowest priority only takes what they leave.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self.previewer = ray.remote(num_cpus=0, scheduling_strategy=here)(Previewer).remote(niced=True)
         self.previews.append(self.previewer.render.remote(task))

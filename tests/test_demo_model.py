@@ -4,10 +4,11 @@ runs it, draws what its captions say, judged from the pixels by `sora demo-eval`
 Any break in the inference chain shows here: the VAE's latent scale and shift, the caption's
 encoding and mask, guidance, the scheduler, condition frames. The targets are the issue's:
 background colour >= 90 %, shape colour >= 80 %, direction >= 70 %, over 16 training
-captions x 2 seeds. The committed model (2,448 steps, README, The demo model) reaches the
-first two: background 100 %, shape colour 87.5 %, direction 15.6 % (chance: 12.5, 12.5, 25 %).
-The test holds it to the background target and to its shape colour with margin: background
->= 90 %, shape colour >= 70 % (a broken latent scale gave 75 % and 12.5 % on an earlier model).
+captions x 2 seeds. The committed model (2,448 steps with times shifted towards noise, README,
+The demo model) reaches all three: background 100 %, shape colour 87.5 %, direction 90.6 %
+(chance: 12.5, 12.5, 25 %). The test holds it to the background and direction targets and to
+its shape colour with margin: background >= 90 %, shape colour >= 70 %, direction >= 70 % (a
+broken latent scale gave 75 % and 12.5 % on an earlier model).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ CONFIG = ROOT / "configs" / "demo" / "inference.py"
 TRAIN_CONFIG = ROOT / "configs" / "demo" / "train.py"
 # What `make demo-model` trains on: `sora demo-data --num 96` (seed 0), less the held-out share.
 DEMO_MODEL_SAMPLES, EVAL_FRACTION = 96, 0.1
-TARGETS = {"background": 90.0, "color": 80.0, "direction": 70.0}  # the issue's; direction not met yet
-FLOORS = {"background": 90.0, "color": 70.0}  # what the committed model keeps, with margin (100 %, 87.5 %)
+TARGETS = {"background": 90.0, "color": 80.0, "direction": 70.0}  # the issue's
+# What the committed model keeps (100 %, 87.5 %, 90.6 %): one wrong shape colour in 32 more than
+# today's would miss the issue's 80 %, so that floor leaves room for other machines' rounding.
+FLOORS = {"background": 90.0, "color": 70.0, "direction": 70.0}
 
 
 def training_clips() -> list[DemoItem]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,23 @@ def test_preview_config_samples_the_prompts_with_the_training_models(config, tmp
     # STDiT2 is conditioned on 24 fps (Open-Sora's rate for a video that does not say) at the
     # training stride, not on the saved rate.
     assert (built.fps, built.frame_interval) == (24, config.frame_interval)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_a_previewer_takes_only_idle_cpu_with_every_thread():
+    # In a process of its own: the setting cannot be undone without privileges. A thread that
+    # exists before the call (as Ray's do in an actor) is moved too, and later ones inherit it.
+    code = (
+        "import os, threading, time\n"
+        "stop = threading.Event()\n"
+        "before = threading.Thread(target=stop.wait); before.start()\n"
+        "from pipelines.preview import lowest_priority\n"
+        "print(lowest_priority())\n"
+        "after = threading.Thread(target=stop.wait); after.start()\n"
+        "policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir('/proc/self/task')}\n"
+        "print(sorted(policies) == [os.SCHED_IDLE])\n"
+        "stop.set()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SCHED_IDLE", "True"]

@@ -51,6 +51,7 @@ def trained(clean_cache, schedule, tmp_path_factory) -> tuple[Path, Path]:
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     experiment = folder / "out" / "000-debug"  # the first experiment of a fresh outputs folder
     assert f"experiment: {experiment}" in result.stdout
+    (folder / "output.txt").write_text(result.stdout + result.stderr)  # what the user saw
     return experiment, train_config
 
 
@@ -97,6 +98,13 @@ def tensorboard_values(folder: Path) -> list[tuple[int, str, str]]:
             offset += 12 + length + 4
             found += [(event.step, value.tag, value.WhichOneof("value")) for value in event.summary.value]
     return sorted(found)
+
+
+def test_the_output_says_each_step_once_and_no_state_api_noise(trained):
+    output = (trained[1].parent / "output.txt").read_text()
+    assert "Failed to query Ray Train Controller" not in output  # pipelines.cluster.quiet_local_worker
+    step_lines = re.findall(r"step 2/\d+ epoch", output)
+    assert len(step_lines) == 1, output[-3000:]
 
 
 def test_the_loss_falls(trained):

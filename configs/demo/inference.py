@@ -28,6 +28,8 @@ text_encoder = dict(
 scheduler = dict(
     type="rflow",
     sample_method="logit-normal",
+    use_timestep_transform=True,  # as trained (configs/demo/train.py)
+    transform_scale=10.0,
     num_sampling_steps=30,
     cfg_scale=4.0,
 )
