@@ -56,6 +56,14 @@ def watch(pid: int, pipe: int) -> None:
         if ready and not os.read(pipe, 4096):
             break  # the command ended: its end of the pipe closed
     time.sleep(GRACE_S)
+    # A process started after the last refresh (a worker the raylet spawned just before the end)
+    # is found under its parent now, where that parent is known and still the same process
+    # (is_running compares start times: a reused PID is not ours).
+    for process in list(known.values()):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running():
+                for child in process.children(recursive=True):
+                    known.setdefault(child.pid, child)
     alive = [process for process in known.values() if process.is_running()]
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
