@@ -35,7 +35,8 @@ SWAPPED = (1, 0, 3, 2)  # left<->right, up<->down
 
 def clips(args) -> tuple[torch.Tensor, list[str]]:
     """(4, C, T, h, w) scaled latents of the scene moving each way, and their captions."""
-    from pipelines.demo_data import DemoItem, render_frames
+    from pipelines.demo_data import DemoItem, caption, render_frames
+    from pipelines.media import resize_crop
     from sora_model.vae import VideoAutoencoderKL
 
     vae = VideoAutoencoderKL.from_pretrained(str(ROOT / "configs" / "demo" / "vae"))
@@ -47,11 +48,10 @@ def clips(args) -> tuple[torch.Tensor, list[str]]:
         item = DemoItem("clip.mp4", "", "video", width, height, 2 * args.frames + 1, 8, shape, color, background,
                         direction)  # fmt: skip
         frames = np.stack(list(render_frames(item)))[0 : 2 * args.frames : 2]  # (T, H, W, 3)
-        video = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1  # (1, 3, T, H, W)
+        video = resize_crop(frames, height, width)[None]  # (1, 3, T, H, W) in [-1, 1], as preprocessing makes it
         with torch.no_grad():
             latents.append(vae.encode(video, torch.Generator().manual_seed(0))[0])
-        article = "an" if color[0] in "aeiou" else "a"
-        captions.append(f"{article} {color} {shape} moves {direction} on a {background} background")
+        captions.append(caption(shape, color, background, direction))
     return torch.stack(latents), captions
 
 
@@ -87,12 +87,13 @@ def train(latents: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor, scale: f
                 t = torch.full((len(latents),), 0.9 * flow.num_timesteps)
                 x_t = flow.add_noise(latents, probe_noise, t)
                 target = latents - probe_noise
+                swapped = list(SWAPPED)
                 own = ((model(x_t, t, y, y_mask)[:, : latents.shape[1]] - target) ** 2).mean().item()
-                swap = (model(x_t, t, y[list(SWAPPED)], y_mask[list(SWAPPED)])[:, : latents.shape[1]] - target) ** 2
+                swap = ((model(x_t, t, y[swapped], y_mask[swapped])[:, : latents.shape[1]] - target) ** 2).mean().item()
             model.train()
-            rows.append((step, loss.item(), right, own, swap.mean().item(), time.perf_counter() - started))
+            rows.append((step, loss.item(), right, own, swap, time.perf_counter() - started))
             print(f"  scale {scale:g} step {step}: loss {loss.item():.4f}  from noise {right}/4  "
-                  f"own {own:.4f} swap {swap.mean().item():.4f}  ({rows[-1][-1]:.0f} s)", flush=True)  # fmt: skip
+                  f"own {own:.4f} swap {swap:.4f}  ({rows[-1][-1]:.0f} s)", flush=True)  # fmt: skip
     return rows
 
 

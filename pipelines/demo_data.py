@@ -83,16 +83,14 @@ def plan_demo(num: int = 24, seed: int = 0) -> list[DemoItem]:
         width, height = SIZES[index % len(SIZES)]
         if index >= num - num_images:
             extension = "png" if index % 2 else "jpg"
-            text = f"{_article(color)} {color} {shape} on {_article(background)} {background} background"
+            text = caption(shape, color, background)
             items.append(DemoItem(f"image_{index:03d}.{extension}", text, "image", width, height, 1, 0, **scene))
         else:
             # One crossing, a little longer than the 16 frames a demo training window spans (8
             # latent frames at stride 2): every window shows nearly all of it (README, The demo model).
             num_frames = rng.randrange(17, 21)
             fps = rng.choice(FRAME_RATES)
-            text = (
-                f"{_article(color)} {color} {shape} moves {direction} on {_article(background)} {background} background"
-            )
+            text = caption(shape, color, background, direction)
             items.append(
                 DemoItem(
                     f"clip_{index:03d}.mp4",
@@ -112,6 +110,13 @@ def plan_demo(num: int = 24, seed: int = 0) -> list[DemoItem]:
         DemoItem(BROKEN[2], "a file that does not exist", "broken"),
     ]
     return items
+
+
+def caption(shape: str, color: str, background: str, direction: str = "") -> str:
+    """What a demo item shows, in the demo's words: "a white square moves down on a yellow
+    background" (a clip), "an orange circle on a blue background" (an image, no direction)."""
+    motion = f" moves {direction}" if direction else ""
+    return f"{_article(color)} {color} {shape}{motion} on {_article(background)} {background} background"
 
 
 def _article(word: str) -> str:

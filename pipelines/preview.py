@@ -21,6 +21,7 @@ with the training config's `scheduler` settings (`num_sampling_steps`, `cfg_scal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -97,13 +98,14 @@ def lowest_priority() -> str:
     SCHED_IDLE (Linux) runs a thread only on a core no other thread wants, and a waking training
     thread takes the core back at once; nice 19 still gets a small share (about 1.5 %) of a busy
     core, and only the calling thread's. Threads started later inherit the setting."""
-    threads = [int(name) for name in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
-    if hasattr(os, "SCHED_IDLE"):
+    if hasattr(os, "SCHED_IDLE") and os.path.isdir("/proc/self/task"):
         try:
-            for thread in threads:
-                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread: new ones inherit it
+            for thread in map(int, os.listdir("/proc/self/task")):
+                with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                    os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
-        except OSError:  # a thread gone meanwhile, or a kernel without it: nice does what it can
+        except OSError:  # a kernel without it: nice does what it can
             pass
     os.nice(LOWEST_PRIORITY - os.nice(0))
     return f"nice {LOWEST_PRIORITY}"
